@@ -1,0 +1,41 @@
+# Every target creates .venv when it is missing (or when pyproject.toml changed) and installs into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.within-installed
+# torch first, as the pinned pair this machine has on disk; the rest from pyproject.toml
+TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: venv train test test-all bench format clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PAIR)
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## train the default model on the embedded simulator; extra Hydra overrides via ARGS="..."
+train: venv
+	$(PY) train.py $(ARGS)
+
+## the default test suite (slow tests excluded)
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+## everything, slow tests (DDP, sweeps) included
+test-all: venv
+	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+## run every benchmark; each writes benchmarks/results/<name>.json
+bench: venv
+	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b; done
+
+format: venv
+	$(PY) -m ruff format within tests benchmarks train.py evaluate.py
+	$(PY) -m ruff check --fix within tests benchmarks train.py evaluate.py
+
+clean:
+	rm -rf outputs/train outputs/evaluate outputs/debug .pytest_cache

@@ -1,0 +1,14 @@
+"""Score a saved bundle on any data config: python evaluate.py bundle=PATH [data=...] [split=test]"""
+import hydra
+from omegaconf import DictConfig
+
+from within.pipeline.evaluate import run_evaluate
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> dict[str, float]:
+    return run_evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

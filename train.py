@@ -1,0 +1,14 @@
+"""Train an ad-score model: python train.py [model=nn] [privacy=dp] [data=...] [key=value ...]"""
+import hydra
+from omegaconf import DictConfig
+
+from within.pipeline.train import run_train
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return run_train(cfg)
+
+
+if __name__ == "__main__":
+    main()

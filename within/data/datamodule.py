@@ -1,0 +1,208 @@
+"""AdDataModule: a DataFrame source -> time-aware splits -> FeatureProcessor (train only) -> AdBatch loaders.
+
+Batches are gathered whole from in-memory tensors (one index array per batch): per-row
+Dataset.__getitem__ + collate costs more than the model on CTR-sized rows.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from within.features.processor import FeatureProcessor
+from within.features.spec import FeatureSpec
+
+
+class AdTensorDataset(Dataset):
+    """Columns of AdBatch tensors; `ds[index_array]` returns a whole batch dict."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]) -> None:
+        arrays = dict(arrays)
+        self._image_table = torch.as_tensor(arrays.pop("image_table")) if "image_table" in arrays else None
+        self._image_index = torch.as_tensor(arrays.pop("image_index")) if "image_index" in arrays else None
+        self.tensors = {k: torch.as_tensor(v) for k, v in arrays.items()}
+        self.n = len(next(iter(self.tensors.values())))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: Any) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(index, dtype=torch.long)
+        batch = {k: v[idx] for k, v in self.tensors.items()}
+        if self._image_table is not None:
+            batch["image"] = self._image_table[self._image_index[idx]]
+        return batch
+
+    def full(self) -> dict[str, torch.Tensor]:
+        return self[np.arange(self.n)]
+
+
+class BatchIndexSampler(Sampler[np.ndarray]):
+    """Yields index arrays of one batch each; shuffles per epoch (seed + epoch) and shards across ranks.
+
+    Under DDP every rank gets the same number of batches (indices wrap), so no rank waits forever.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False) -> None:
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.n, self.batch_size, self.shuffle, self.seed, self.drop_last = n, batch_size, shuffle, seed, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rank_world(self) -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _indices(self) -> np.ndarray:
+        if self.shuffle:
+            return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        return np.arange(self.n)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        rank, world = self._rank_world()
+        idx = self._indices()
+        per_rank = math.ceil(self.n / world)
+        idx = np.resize(idx, per_rank * world)[rank::world]  # wrap so every rank has per_rank rows
+        stop = (len(idx) // self.batch_size) * self.batch_size if self.drop_last else len(idx)
+        for start in range(0, stop, self.batch_size):
+            yield idx[start : start + self.batch_size]
+
+    def __len__(self) -> int:
+        _, world = self._rank_world()
+        per_rank = math.ceil(self.n / world)
+        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+
+
+SPLITS = ("train", "val", "calib", "test")
+
+
+def split_frame(
+    df: pd.DataFrame, spec: FeatureSpec, method: str, val_frac: float, test_frac: float, seed: int,
+    calib_frac: float = 0.0,
+) -> dict[str, pd.DataFrame]:
+    """train / val (early stopping) / calib (post-fit calibration) / test, in time order or seeded at random.
+
+    By time, each later split is strictly newer than the one before: no leakage from the future.
+    """
+    fracs = {"val_frac": val_frac, "calib_frac": calib_frac, "test_frac": test_frac}
+    bad = {k: v for k, v in fracs.items() if not 0 <= v < 1}
+    if bad or test_frac <= 0 or sum(fracs.values()) >= 1:
+        raise ValueError(
+            f"data.split: need each fraction in [0, 1), test_frac > 0 and their sum < 1; got {fracs}"
+        )
+    n = len(df)
+    if method == "time":
+        order = (
+            np.argsort(df[spec.time].to_numpy(), kind="stable") if spec.time and spec.time in df else np.arange(n)
+        )
+    elif method == "random":
+        order = np.random.default_rng(seed).permutation(n)
+    else:
+        raise ValueError(f"data.split.method: {method!r} is not 'time' or 'random'")
+    sizes = [int(round(n * f)) for f in (val_frac, calib_frac, test_frac)]
+    n_train = n - sum(sizes)
+    if n_train < 1 or sizes[2] < 1:
+        raise ValueError(f"data: {n} rows is too few to split (train {n_train}, val/calib/test {sizes})")
+    cuts = np.cumsum([n_train, sizes[0], sizes[1]])
+    parts = np.split(order, cuts)
+    return {
+        name: df.iloc[np.sort(p) if method == "time" else p].reset_index(drop=True)
+        for name, p in zip(SPLITS, parts)
+    }
+
+
+class AdDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        source: Callable[[], pd.DataFrame] | pd.DataFrame,
+        features: Mapping[str, Any] | FeatureSpec | None = None,
+        split: Mapping[str, Any] | None = None,
+        batch_size: int = 1024,
+        eval_batch_size: int = 8192,
+        num_workers: int = 0,
+        seed: int = 0,
+        processor: FeatureProcessor | None = None,
+    ) -> None:
+        super().__init__()
+        if features is None and processor is None:
+            raise ValueError("AdDataModule: pass `features` (a FeatureSpec or its config) or a fitted `processor`")
+        self.source = source
+        self.spec = processor.spec if processor is not None else (
+            features if isinstance(features, FeatureSpec) else FeatureSpec.from_config(features)
+        )
+        split = dict(split or {})
+        self.split_method = split.pop("method", "time")
+        self.val_frac = float(split.pop("val_frac", 0.1))
+        self.test_frac = float(split.pop("test_frac", 0.2))
+        self.calib_frac = float(split.pop("calib_frac", 0.0))
+        if split:
+            raise ValueError(
+                f"data.split: unknown keys {sorted(split)}; allowed: method, val_frac, calib_frac, test_frac"
+            )
+        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
+        self.num_workers, self.seed = int(num_workers), int(seed)
+        self.processor = processor
+        self.frames: dict[str, pd.DataFrame] = {}
+        self.datasets: dict[str, AdTensorDataset] = {}
+        self.train_sampler: BatchIndexSampler | None = None
+
+    def load_frame(self) -> pd.DataFrame:
+        df = self.source() if callable(self.source) else self.source
+        if not isinstance(df, pd.DataFrame):
+            raise TypeError(f"data.source must return a pandas DataFrame, got {type(df).__name__}")
+        return df
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        df = self.load_frame()
+        self.spec.validate_frame(df, require_label=True)
+        self.frames = split_frame(
+            df, self.spec, self.split_method, self.val_frac, self.test_frac, self.seed, self.calib_frac
+        )
+        if self.processor is None:
+            self.processor = FeatureProcessor(self.spec).fit(self.frames["train"])  # train only: no leakage
+        for name, frame in self.frames.items():
+            if len(frame):
+                self.datasets[name] = AdTensorDataset(
+                    self.processor.transform(frame, with_label=True, dedupe_images=True)
+                )
+
+    @property
+    def n_train(self) -> int:
+        return len(self.frames.get("train", ()))
+
+    def _loader(self, name: str, shuffle: bool, batch_size: int) -> DataLoader:
+        ds = self.datasets[name]
+        sampler = BatchIndexSampler(len(ds), batch_size, shuffle=shuffle, seed=self.seed)
+        if name == "train":
+            self.train_sampler = sampler
+        return DataLoader(
+            ds,
+            sampler=sampler,
+            batch_size=None,  # the sampler yields whole batches
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val" if "val" in self.datasets else "test", False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False, self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

@@ -1,0 +1,184 @@
+"""AdScorePredictor: a trained network + its feature processor + calibrator, saved as one bundle.
+
+Bundle layout (no pickle anywhere):
+  model.safetensors   network weights
+  spec.json           FeatureSpec + fitted FeatureProcessor state
+  calibration.json    calibrator (and interval) parameters, or null
+  metadata.json       class, network class + kwargs, versions, config, metrics, privacy report
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from within.features.processor import FeatureProcessor
+from within.models.base import (
+    BaseMLModel,
+    BundleError,
+    read_arrays,
+    read_metadata,
+    register_model,
+    write_arrays,
+)
+
+SPEC_FILE = "spec.json"
+CALIBRATION_FILE = "calibration.json"
+
+
+def _net_classes() -> dict[str, type[nn.Module]]:
+    """Networks a bundle may name. A name outside this table is refused, never imported."""
+    from within.nn.predictor import AdPredictorNN
+
+    return {"AdPredictorNN": AdPredictorNN}
+
+
+def build_net(net_class: str, net_kwargs: dict[str, Any]) -> nn.Module:
+    classes = _net_classes()
+    if net_class not in classes:
+        raise BundleError(f"unknown network class {net_class!r}; known: {sorted(classes)}")
+    return classes[net_class](**net_kwargs)
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("within", "torch", "lightning", "numpy", "scikit-learn", "opacus", "safetensors"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+@register_model
+class AdScorePredictor(BaseMLModel):
+    """Calibrated ad-score model. `predict` takes a DataFrame, one record dict, or a list of dicts."""
+
+    def __init__(
+        self,
+        processor: FeatureProcessor | None = None,
+        net: nn.Module | None = None,
+        net_class: str = "AdPredictorNN",
+        net_kwargs: dict[str, Any] | None = None,
+        calibrator: Any = None,
+        intervals: Any = None,
+        model_name: str = "ad_score",
+        model_version: str = "0.1.0",
+        metadata: dict[str, Any] | None = None,
+        batch_size: int = 8192,
+    ) -> None:
+        names = processor.spec.names if processor is not None else None
+        super().__init__(model_name=model_name, feature_names=names, model_version=model_version, metadata=metadata)
+        self.processor = processor
+        self.net = net.eval() if net is not None else None
+        self.net_class = net_class
+        self.net_kwargs = dict(net_kwargs or {})
+        self.calibrator = calibrator
+        self.intervals = intervals
+        self.batch_size = batch_size
+
+    # ---- inference ----------------------------------------------------------------------
+    def _require_fitted(self) -> None:
+        if self.net is None or self.processor is None:
+            raise RuntimeError("AdScorePredictor: not trained; call fit(df) or AdScorePredictor.load(bundle)")
+
+    @torch.no_grad()
+    def predict_logits(self, X: Any) -> np.ndarray:
+        self._require_fitted()
+        arrays = self.processor.transform(X)
+        n = len(arrays["mask_tabular"])
+        self.net.eval()
+        out = np.empty(n, dtype=np.float64)
+        for start in range(0, n, self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            batch = {k: torch.as_tensor(v[sl]) for k, v in arrays.items()}
+            out[sl] = self.net(batch).float().numpy()
+        return out
+
+    def group_columns(self, X: Any) -> dict[str, np.ndarray] | None:
+        """Raw values of the columns a calibrator keys on (group fields and any it declares)."""
+        df = self.processor.spec.records_to_frame(X)
+        wanted = [f.name for f in self.processor.spec.groups]
+        wanted += [c for c in getattr(self.calibrator, "required_columns", ()) if c not in wanted]
+        cols = {c: df[c].to_numpy() for c in wanted if c in df.columns}
+        return cols or None
+
+    def predict(self, X: Any) -> np.ndarray | float:
+        logits = self.predict_logits(X)
+        if self.calibrator is None:
+            p = 1.0 / (1.0 + np.exp(-logits))
+        else:
+            p = np.asarray(self.calibrator.transform(logits, groups=self.group_columns(X)), dtype=np.float64)
+        return float(p[0]) if isinstance(X, dict) else p
+
+    def fit(self, X: Any, y: Any = None) -> "AdScorePredictor":
+        """Train through the same pipeline as `train.py` on a DataFrame holding features and the label."""
+        from within.pipeline.api import fit_predictor  # the facade sits over the pipeline by design
+
+        fitted = fit_predictor(X, y, processor_spec=self.processor.spec if self.processor else None)
+        self.__dict__.update(fitted.__dict__)
+        return self
+
+    # ---- persistence --------------------------------------------------------------------
+    def _get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        self._require_fitted()
+        arrays = {k: v.detach().cpu().float().numpy() for k, v in self.net.state_dict().items()}
+        return arrays, {"net_class": self.net_class, "net_kwargs": self.net_kwargs, "library_versions": library_versions()}
+
+    @classmethod
+    def _from_state(cls, arrays: dict[str, np.ndarray], config: dict[str, Any]) -> "AdScorePredictor":
+        net = build_net(config["net_class"], config["net_kwargs"])
+        state = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+        # keep integer buffers (e.g. BatchNorm counters) in their own dtype
+        ref = net.state_dict()
+        state = {k: v.to(ref[k].dtype) if k in ref else v for k, v in state.items()}
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise BundleError(f"model.safetensors does not match {config['net_class']}: {err}") from err
+        return cls(net=net, net_class=config["net_class"], net_kwargs=config["net_kwargs"])
+
+    def save(self, path: str | Path) -> Path:
+        path = super().save(path)
+        (path / SPEC_FILE).write_text(json.dumps(self.processor.to_dict()))
+        calib = {
+            "calibrator": self.calibrator.to_dict() if self.calibrator is not None else None,
+            "intervals": self.intervals.to_dict() if self.intervals is not None else None,
+        }
+        (path / CALIBRATION_FILE).write_text(json.dumps(calib, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AdScorePredictor":
+        path = Path(path)
+        meta = read_metadata(path)
+        if meta["class"] != cls.__name__:
+            raise BundleError(f"{path}: holds a {meta['class']}, not an {cls.__name__}")
+        model = cls._from_state(read_arrays(path), meta.get("config", {}))
+        model.model_name = meta.get("model_name", model.model_name)
+        model.model_version = meta.get("model_version", model.model_version)
+        model.feature_names = meta.get("feature_names")
+        model.metadata = meta.get("metadata", {}) or {}
+        model.processor = FeatureProcessor.from_dict(_read_json(path / SPEC_FILE))
+        calib = _read_json(path / CALIBRATION_FILE) if (path / CALIBRATION_FILE).exists() else {}
+        from within.calibration import calibrator_from_dict
+        from within.calibration.intervals import intervals_from_dict
+
+        model.calibrator = calibrator_from_dict(calib["calibrator"]) if calib.get("calibrator") else None
+        model.intervals = intervals_from_dict(calib["intervals"]) if calib.get("intervals") else None
+        return model
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise BundleError(f"{path}: not found; is this a bundle folder written by train.py?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BundleError(f"{path}: not valid JSON ({err})") from err

@@ -1,0 +1,112 @@
+"""Scoring a predictor on a frame, and the run report: metrics.json, report.md and PNG plots.
+
+train.py and evaluate.py both score through `score_frame`, so their numbers agree exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from within.calibration.metrics import binary_report
+from within.features.spec import FeatureSpec
+
+
+def score_frame(predictor: Any, df: pd.DataFrame, split: str = "test") -> tuple[dict[str, float], np.ndarray]:
+    """Flat `split/name` metrics of the predictor on a labelled frame, plus its probabilities."""
+    spec: FeatureSpec = predictor.processor.spec
+    p = np.asarray(predictor.predict(df), dtype=np.float64)
+    y = df[spec.label].to_numpy(dtype=np.float64)
+    weight = df[spec.weight].to_numpy(dtype=np.float64) if spec.weight else None
+    groups = {f.name: df[f.name].to_numpy() for f in spec.groups if f.name in df}
+    truth = df[spec.truth].to_numpy(dtype=np.float64) if spec.truth and spec.truth in df else None
+    report = binary_report(p, y, weight=weight, groups=groups or None, truth=truth)
+    return {f"{split}/{k}": float(v) for k, v in report.items()}, p
+
+
+def write_metrics(metrics: dict[str, float], report_dir: Path) -> Path:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    path = report_dir / "metrics.json"
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in sorted(metrics.items())}
+    path.write_text(json.dumps(clean, indent=2))
+    return path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_reliability(
+    curves: dict[str, np.ndarray], y: np.ndarray, path: Path, truth: np.ndarray | None = None,
+    weight: np.ndarray | None = None, n_bins: int = 15,
+) -> Path:
+    """Reliability diagram over equal-mass bins: mean predicted vs observed CTR (and vs true CTR)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    w = np.ones_like(y) if weight is None else weight
+    top = 0.0
+    for label, p in curves.items():
+        order = np.argsort(p, kind="stable")
+        bins = np.array_split(order, n_bins)
+        mp = np.array([np.average(p[b], weights=w[b]) for b in bins])
+        obs = np.array([y[b].sum() / w[b].sum() for b in bins])
+        ax.plot(mp, obs, "o-", label=f"{label}: observed")
+        if truth is not None:
+            tr = np.array([np.average(truth[b], weights=w[b]) for b in bins])
+            ax.plot(mp, tr, "x--", label=f"{label}: true CTR")
+        top = max(top, mp.max(), obs.max())
+    ax.plot([0, top], [0, top], color="grey", lw=1, label="perfect")
+    ax.set_xlabel("mean predicted CTR (equal-mass bins)")
+    ax.set_ylabel("CTR")
+    ax.set_title("Reliability")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_training_curve(rows: list[dict[str, float]], path: Path) -> Path | None:
+    if not rows:
+        return None
+    plt = _plt()
+    hist = pd.DataFrame(rows)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("train/loss", "val/logloss"):
+        if key in hist:
+            ax1.plot(hist["epoch"], hist[key], "o-", label=key)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("log loss")
+    ax1.legend()
+    if "val/auc" in hist:
+        ax2.plot(hist["epoch"], hist["val/auc"], "o-", color="tab:green", label="val/auc")
+        ax2.set_xlabel("epoch")
+        ax2.set_ylabel("AUC")
+        ax2.legend()
+    fig.suptitle("Training curve")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_markdown(report_dir: Path, metrics: dict[str, float], extra: dict[str, Any] | None = None) -> Path:
+    lines = ["# Run report", "", "| metric | value |", "| --- | --- |"]
+    lines += [f"| `{k}` | {v:.5f} |" for k, v in sorted(metrics.items()) if isinstance(v, float)]
+    for title, body in (extra or {}).items():
+        lines += ["", f"## {title}", "", str(body)]
+    pngs = sorted(p.name for p in report_dir.glob("*.png"))
+    if pngs:
+        lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in pngs]
+    path = report_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

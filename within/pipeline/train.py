@@ -1,0 +1,195 @@
+"""The training run: seed -> datamodule -> module -> callbacks -> loggers -> Trainer.fit ->
+post-fit steps (calibrate ... export) with the best checkpoint -> test report.
+
+Only rank 0 runs the post-fit steps and writes report/ and bundle/.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from within.lit.history import MetricHistory
+from within.models.predictor import AdScorePredictor
+from within.pipeline.config import register_resolvers, validate_config
+from within.pipeline.report import plot_reliability, plot_training_curve, score_frame, write_markdown, write_metrics
+from within.postfit import PostfitContext, run_steps
+
+log = logging.getLogger(__name__)
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
+    """'auto' resumes this run directory's last.ckpt when present (pre-empted cluster jobs)."""
+    if ckpt_path == "auto":
+        last = out_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    if ckpt_path is not None and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path: {ckpt_path} does not exist")
+    return ckpt_path
+
+
+def _wandb_run_id(ckpt_path: str | None, out_dir: Path) -> str:
+    """Reuse the W&B run id of the run being resumed, so its curves continue in one W&B run."""
+    if ckpt_path:
+        saved = Path(ckpt_path).resolve().parents[1] / WANDB_ID_FILE
+        if saved.is_file():
+            return saved.read_text().strip()
+    saved = out_dir / WANDB_ID_FILE
+    if saved.is_file():
+        return saved.read_text().strip()
+    import wandb
+
+    return wandb.util.generate_id()
+
+
+def instantiate_group(node: DictConfig | None) -> list[Any]:
+    if not node:
+        return []
+    return [instantiate(sub) for sub in node.values() if isinstance(sub, DictConfig) and "_target_" in sub]
+
+
+def build_loggers(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> list[Any]:
+    if cfg.get("logger") and "wandb" in cfg.logger:
+        run_id = _wandb_run_id(ckpt_path, out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / WANDB_ID_FILE).write_text(run_id)
+        with open_dict(cfg):
+            cfg.logger.wandb.id = run_id
+            cfg.logger.wandb.resume = "allow"
+    return instantiate_group(cfg.get("logger"))
+
+
+def build_module(cfg: DictConfig, input_dim: dict[str, Any]) -> tuple[L.LightningModule, str, dict[str, Any]]:
+    net = instantiate(cfg.model.net, input_dim=input_dim, _convert_="all")
+    net_kwargs = OmegaConf.to_container(cfg.model.net, resolve=True)
+    net_kwargs.pop("_target_")
+    net_kwargs["input_dim"] = input_dim
+    module_cfg = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k != "net"])
+    module = instantiate(module_cfg, net=net)
+    return module, type(net).__name__, net_kwargs
+
+
+def extra_callbacks(cfg: DictConfig, module: L.LightningModule) -> list[L.Callback]:
+    """Callbacks the model's own settings call for (noise annealing, dropout tuning)."""
+    out: list[L.Callback] = []
+    net_cfg = cfg.model.get("net", {})
+    if net_cfg.get("enable_quantum_noise"):
+        from within.lit.dynamics import NoiseAnnealing
+
+        out.append(NoiseAnnealing())
+    if net_cfg.get("adaptive_dropout"):
+        from within.lit.dynamics import AdaptiveDropoutTuner
+
+        out.append(AdaptiveDropoutTuner())
+    return out
+
+
+def load_best_weights(module: L.LightningModule, trainer: L.Trainer) -> str | None:
+    ckpt_cb = trainer.checkpoint_callback
+    best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
+    if best and Path(best).is_file():
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+        return best
+    return None
+
+
+def run_train(cfg: DictConfig) -> float | None:
+    """Entry point behind train.py; returns the sweep objective (cfg.optimized_metric) if set."""
+    register_resolvers()
+    validate_config(cfg, "train")
+    if cfg.extras.get("ignore_warnings"):
+        warnings.filterwarnings("ignore")
+    out_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data, features=OmegaConf.to_container(cfg.features, resolve=True), seed=cfg.seed)
+    datamodule.setup("fit")
+    module, net_class, net_kwargs = build_module(cfg, datamodule.processor.input_dim)
+
+    history = MetricHistory()
+    callbacks = instantiate_group(cfg.get("callbacks")) + extra_callbacks(cfg, module) + [history]
+    loggers = build_loggers(cfg, out_dir, ckpt_path)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if cfg.extras.get("print_config") and trainer.is_global_zero:
+        from within.pipeline.console import print_config
+
+        print_config(cfg)
+    objective: float | None = None
+    try:
+        if cfg.get("train", True):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if not trainer.is_global_zero:
+            return None
+        best = load_best_weights(module, trainer)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        predictor = AdScorePredictor(
+            processor=datamodule.processor, net=module.net.cpu().eval(), net_class=net_class, net_kwargs=net_kwargs
+        )
+        ctx = PostfitContext(
+            predictor=predictor,
+            frames=datamodule.frames,
+            out_dir=out_dir,
+            config=OmegaConf.to_container(cfg, resolve=True),
+            calibrator_factory=_calibrator_factory(cfg),
+            metrics=metrics,
+            metadata={"best_checkpoint": best},
+        )
+
+        def score_test(c: PostfitContext) -> None:
+            if cfg.get("test", True):
+                _write_test_report(c, history, trainer)
+
+        run_steps(list(cfg.get("postfit") or []), ctx, score_test)
+        if cfg.get("optimized_metric"):
+            objective = ctx.metrics.get(cfg.optimized_metric)
+    finally:
+        _close_wandb(loggers)
+    print(out_dir, flush=True)  # the last line: where everything is
+    return objective
+
+
+def _calibrator_factory(cfg: DictConfig) -> Any:
+    node = cfg.get("calibrator")
+    if not node or "_target_" not in node:
+        return None
+    return lambda: instantiate(node, _convert_="all")
+
+
+def _write_test_report(ctx: PostfitContext, history: MetricHistory, trainer: L.Trainer) -> None:
+    test = ctx.frames["test"]
+    metrics, p = score_frame(ctx.predictor, test, "test")
+    ctx.metrics.update(metrics)
+    spec = ctx.predictor.processor.spec
+    report = ctx.report_dir
+    y = test[spec.label].to_numpy(dtype=float)
+    truth = test[spec.truth].to_numpy(dtype=float) if spec.truth and spec.truth in test else None
+    weight = test[spec.weight].to_numpy(dtype=float) if spec.weight else None
+    curves = {"calibrated" if ctx.predictor.calibrator is not None else "model": p}
+    if ctx.predictor.calibrator is not None:
+        import numpy as np
+
+        curves["uncalibrated"] = 1.0 / (1.0 + np.exp(-ctx.predictor.predict_logits(test)))
+    plot_reliability(curves, y, report / "reliability.png", truth=truth, weight=weight)
+    plot_training_curve(history.rows, report / "training_curve.png")
+    write_metrics(ctx.metrics, report)
+    write_markdown(report, ctx.metrics)
+    for lg in trainer.loggers:
+        lg.log_metrics({k: v for k, v in metrics.items()}, step=trainer.global_step)
+        lg.save()
+
+
+def _close_wandb(loggers: list[Any]) -> None:
+    """Always finish the W&B run, so one crashed job does not hang a sweep."""
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish()
