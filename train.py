@@ -2,12 +2,12 @@
 import hydra
 from omegaconf import DictConfig
 
-from within.pipeline.train import run_train
+from within.pipeline.train import run_train_job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    return run_train(cfg)
+    return run_train_job(cfg)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,7 @@ class AdDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         processor: FeatureProcessor | None = None,
+        poisson_sampling: bool = False,
     ) -> None:
         super().__init__()
         if features is None and processor is None:
@@ -154,7 +155,9 @@ class AdDataModule(L.LightningDataModule):
         self.processor = processor
         self.frames: dict[str, pd.DataFrame] = {}
         self.datasets: dict[str, AdTensorDataset] = {}
-        self.train_sampler: BatchIndexSampler | None = None
+        self.train_sampler: Sampler | None = None
+        # DP-SGD's accounting assumes each row joins each batch independently with rate q
+        self.poisson_sampling = bool(poisson_sampling)
 
     def load_frame(self) -> pd.DataFrame:
         df = self.source() if callable(self.source) else self.source
@@ -182,9 +185,32 @@ class AdDataModule(L.LightningDataModule):
     def n_train(self) -> int:
         return len(self.frames.get("train", ()))
 
+    @property
+    def sample_rate(self) -> float:
+        """Expected batch fraction q = batch_size / n_train (the DP accountant's sampling rate)."""
+        return min(1.0, self.batch_size / max(1, self.n_train))
+
+    def _poisson_sampler(self) -> Sampler:
+        from opacus.utils.uniform_sampler import (
+            DistributedUniformWithReplacementSampler,
+            UniformWithReplacementSampler,
+        )
+
+        n = len(self.datasets["train"])
+        generator = torch.Generator().manual_seed(self.seed)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # q is per rank: the global expected batch stays batch_size (Opacus DPDDP convention)
+            return DistributedUniformWithReplacementSampler(
+                total_size=n, sample_rate=self.sample_rate, generator=generator
+            )
+        return UniformWithReplacementSampler(num_samples=n, sample_rate=self.sample_rate, generator=generator)
+
     def _loader(self, name: str, shuffle: bool, batch_size: int) -> DataLoader:
         ds = self.datasets[name]
-        sampler = BatchIndexSampler(len(ds), batch_size, shuffle=shuffle, seed=self.seed)
+        if name == "train" and self.poisson_sampling:
+            sampler = self._poisson_sampler()
+        else:
+            sampler = BatchIndexSampler(len(ds), batch_size, shuffle=shuffle, seed=self.seed)
         if name == "train":
             self.train_sampler = sampler
         return DataLoader(

@@ -27,6 +27,8 @@ from within.models.base import (
 )
 
 SPEC_FILE = "spec.json"
+# model_type -> the train.py override that selects it
+FIT_MODEL_TYPES = {"nn": "model=nn"}
 CALIBRATION_FILE = "calibration.json"
 
 
@@ -72,6 +74,11 @@ class AdScorePredictor(BaseMLModel):
         model_version: str = "0.1.0",
         metadata: dict[str, Any] | None = None,
         batch_size: int = 8192,
+        feature_config: dict[str, list[str]] | None = None,
+        model_type: str = "nn",
+        calibration: bool = True,
+        explainable: bool = False,
+        train_overrides: list[str] | None = None,
     ) -> None:
         names = processor.spec.names if processor is not None else None
         super().__init__(model_name=model_name, feature_names=names, model_version=model_version, metadata=metadata)
@@ -82,6 +89,14 @@ class AdScorePredictor(BaseMLModel):
         self.calibrator = calibrator
         self.intervals = intervals
         self.batch_size = batch_size
+        # how fit() trains (the seed's constructor arguments)
+        if model_type not in FIT_MODEL_TYPES:
+            raise ValueError(f"model_type: {model_type!r} is not one of {sorted(FIT_MODEL_TYPES)}")
+        self.feature_config = feature_config
+        self.model_type = model_type
+        self.calibration = calibration
+        self.explainable = explainable
+        self.train_overrides = list(train_overrides or [])
 
     # ---- inference ----------------------------------------------------------------------
     def _require_fitted(self) -> None:
@@ -117,12 +132,21 @@ class AdScorePredictor(BaseMLModel):
             p = np.asarray(self.calibrator.transform(logits, groups=self.group_columns(X)), dtype=np.float64)
         return float(p[0]) if isinstance(X, dict) else p
 
-    def fit(self, X: Any, y: Any = None) -> "AdScorePredictor":
-        """Train through the same pipeline as `train.py` on a DataFrame holding features and the label."""
+    def fit(self, X: Any, y: Any = None, label: str = "clicked", output_dir: str | Path | None = None) -> "AdScorePredictor":
+        """Train through the same pipeline as `train.py` on a DataFrame (features + label column, or y)."""
         from within.pipeline.api import fit_predictor  # the facade sits over the pipeline by design
 
-        fitted = fit_predictor(X, y, processor_spec=self.processor.spec if self.processor else None)
-        self.__dict__.update(fitted.__dict__)
+        overrides = [FIT_MODEL_TYPES[self.model_type]] + (["calibrator=none"] if not self.calibration else [])
+        fitted = fit_predictor(
+            X, y,
+            processor_spec=self.processor.spec if self.processor else None,
+            feature_config=self.feature_config,
+            label=label,
+            overrides=overrides + self.train_overrides,
+            output_dir=output_dir,
+        )
+        for key in ("processor", "net", "net_class", "net_kwargs", "calibrator", "intervals", "feature_names", "metadata"):
+            setattr(self, key, getattr(fitted, key))
         return self
 
     # ---- persistence --------------------------------------------------------------------

@@ -66,11 +66,16 @@ def build_loggers(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> list
     return instantiate_group(cfg.get("logger"))
 
 
+def privacy_enabled(cfg: DictConfig) -> bool:
+    return bool(cfg.get("privacy") and cfg.privacy.get("enabled"))
+
+
 def build_module(cfg: DictConfig, input_dim: dict[str, Any]) -> tuple[L.LightningModule, str, dict[str, Any]]:
-    net = instantiate(cfg.model.net, input_dim=input_dim, _convert_="all")
+    extra = {"dp_compatible": True} if privacy_enabled(cfg) else {}  # no BatchNorm, DP attention
+    net = instantiate(cfg.model.net, input_dim=input_dim, _convert_="all", **extra)
     net_kwargs = OmegaConf.to_container(cfg.model.net, resolve=True)
     net_kwargs.pop("_target_")
-    net_kwargs["input_dim"] = input_dim
+    net_kwargs.update(input_dim=input_dim, **extra)
     module_cfg = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k != "net"])
     module = instantiate(module_cfg, net=net)
     return module, type(net).__name__, net_kwargs
@@ -101,8 +106,41 @@ def load_best_weights(module: L.LightningModule, trainer: L.Trainer) -> str | No
     return None
 
 
-def run_train(cfg: DictConfig) -> float | None:
-    """Entry point behind train.py; returns the sweep objective (cfg.optimized_metric) if set."""
+def run_train_job(cfg: DictConfig) -> float | None:
+    """train.py's entry: in a multirun sweep a crashed job is logged and scored NaN (a failed
+    trial for Optuna) instead of killing the whole sweep; a single run raises as usual."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if not multirun:
+        return run_train(cfg)
+    try:
+        return run_train(cfg)
+    except Exception:
+        import traceback
+
+        out = Path(cfg.paths.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "error.txt").write_text(traceback.format_exc())
+        log.exception("sweep job failed; recorded in %s/error.txt and the sweep goes on", out)
+        return float("nan")
+
+
+def build_datamodule(cfg: DictConfig, source: Any = None) -> Any:
+    """The configured datamodule; `source` (a DataFrame) replaces the configured data source."""
+    features = OmegaConf.to_container(cfg.features, resolve=True)
+    if source is None:
+        return instantiate(cfg.data, features=features, seed=cfg.seed)
+    node = OmegaConf.masked_copy(cfg.data, [k for k in cfg.data if k != "source"])
+    return instantiate(node, source=source, features=features, seed=cfg.seed)
+
+
+def run_train(cfg: DictConfig, source: Any = None) -> float | None:
+    """Entry point behind train.py; returns the sweep objective (cfg.optimized_metric) if set.
+
+    `source`: an in-memory DataFrame to train on instead of the configured data source.
+    """
     register_resolvers()
     validate_config(cfg, "train")
     if cfg.extras.get("ignore_warnings"):
@@ -111,12 +149,18 @@ def run_train(cfg: DictConfig) -> float | None:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data, features=OmegaConf.to_container(cfg.features, resolve=True), seed=cfg.seed)
+    datamodule = build_datamodule(cfg, source)
     datamodule.setup("fit")
     module, net_class, net_kwargs = build_module(cfg, datamodule.processor.input_dim)
 
     history = MetricHistory()
     callbacks = instantiate_group(cfg.get("callbacks")) + extra_callbacks(cfg, module) + [history]
+    if privacy_enabled(cfg):
+        from within.lit.dp import configure_privacy
+
+        # swaps in the DP module (private optimizer + Poisson loader) and adds DPTrainingValidator
+        module, dp_callbacks = configure_privacy(cfg, module, datamodule)
+        callbacks += dp_callbacks
     loggers = build_loggers(cfg, out_dir, ckpt_path)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if cfg.extras.get("print_config") and trainer.is_global_zero:
@@ -143,6 +187,10 @@ def run_train(cfg: DictConfig) -> float | None:
             metrics=metrics,
             metadata={"best_checkpoint": best},
         )
+        if privacy_enabled(cfg):
+            from within.lit.dp import privacy_report
+
+            ctx.metadata["privacy"] = privacy_report(module, trainer, out_dir / "report")
 
         def score_test(c: PostfitContext) -> None:
             if cfg.get("test", True):
