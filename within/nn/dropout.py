@@ -1,0 +1,188 @@
+"""AdaptiveDropout: per-modality dropout rates steered by the generalisation gap and gradient noise.
+
+Dropout itself is Srivastava et al., "Dropout: a simple way to prevent neural networks from
+overfitting" (JMLR 2014), in its inverted form (scale by 1/(1-p) at train time, identity at eval).
+The adaptation rule is ours and is stated exactly in `AdaptiveDropout.update_rate`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+# Slopes below this are rounding noise from a constant window, not a widening gap.
+_TREND_EPS = 1e-9
+
+
+class AdaptiveDropout(nn.Module):
+    """Inverted dropout with one rate per feature group (e.g. text / image / tabular).
+
+    `forward(x, group)` drops with that group's current rate in training and is the identity in
+    eval mode. `update_rate` moves each rate by `step_size` up or down (rule in its docstring)
+    and clamps it to `adaptive_range`. Rates and the gap-tracking state are buffers, so they
+    are saved in checkpoints and restored on resume.
+    """
+
+    def __init__(
+        self,
+        p: float = 0.1,
+        momentum: float = 0.9,
+        window_size: int = 5,
+        adaptive_range: tuple[float, float] = (0.0, 0.5),
+        groups: Sequence[str] = ("text", "image", "tabular"),
+        step_size: float = 0.02,
+        noise_threshold: float = 1.0,
+    ) -> None:
+        super().__init__()
+        lo, hi = (float(v) for v in adaptive_range)
+        if not 0.0 <= lo <= hi < 1.0:
+            raise ValueError(f"adaptive_range must be (lo, hi) with 0 <= lo <= hi < 1, got {adaptive_range!r}")
+        if not lo <= p <= hi:
+            raise ValueError(f"p={p!r} must lie inside adaptive_range={adaptive_range!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        if not isinstance(window_size, int) or window_size < 2:
+            raise ValueError(f"window_size must be an int >= 2 (a trend needs two points), got {window_size!r}")
+        if not step_size > 0.0:
+            raise ValueError(f"step_size must be > 0, got {step_size!r}")
+        if not noise_threshold > 0.0:
+            raise ValueError(f"noise_threshold must be > 0, got {noise_threshold!r}")
+        groups = tuple(groups)
+        if not groups or len(set(groups)) != len(groups) or not all(isinstance(g, str) and g for g in groups):
+            raise ValueError(f"groups must be distinct non-empty names, got {groups!r}")
+        self.p = float(p)
+        self.momentum = float(momentum)
+        self.window_size = window_size
+        self.adaptive_range = (lo, hi)
+        self.groups = groups
+        self.step_size = float(step_size)
+        self.noise_threshold = float(noise_threshold)
+        self._index = {g: i for i, g in enumerate(groups)}
+        self.register_buffer("rates", torch.full((len(groups),), self.p, dtype=torch.float64))
+        self.register_buffer("smoothed_gap", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("gap_window", torch.zeros(window_size, dtype=torch.float64))
+        self.register_buffer("n_observations", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor, group: str) -> torch.Tensor:
+        if group not in self._index:
+            raise ValueError(f"group={group!r} is not one of this AdaptiveDropout's groups {self.groups}")
+        if not self.training:
+            return x
+        # Rate stays a tensor: reading it as a float would force a GPU sync every step.
+        p = self.rates[self._index[group]].to(x.dtype)
+        keep = torch.rand_like(x) >= p
+        return x * keep / (1.0 - p)
+
+    def update_rate(
+        self,
+        grads: Mapping[str, torch.Tensor | Sequence[float] | np.ndarray] | None = None,
+        *,
+        train_loss: float | None = None,
+        val_loss: float | None = None,
+    ) -> dict[str, float]:
+        """Move each group's rate one step and return the new rates.
+
+        The rule, per call:
+          1. If both losses are given, the gap g = val_loss - train_loss is smoothed,
+             s <- momentum * s + (1 - momentum) * g (s starts at the first g), and s joins a window
+             of the last `window_size` values. The trend is the least-squares slope of that window
+             (needs >= 2 values; slopes <= 1e-9 count as flat). A constant offset between the two losses has no slope, so only
+             a *widening* gap counts.
+          2. For each group with at least two gradient norms in `grads[group]`, the gradient noise
+             ratio is std(norms) / |mean(norms)|.
+          3. A group's rate rises by `step_size` if the trend is > 0 or its noise ratio exceeds
+             `noise_threshold`; otherwise, if at least one of the two signals exists, it falls
+             by `step_size`; with no signal it stays. The gap applies to all groups; the noise
+             ratio only to its own. Rates are clamped to `adaptive_range`.
+        """
+        if (train_loss is None) != (val_loss is None):
+            raise ValueError("pass train_loss and val_loss together (the gap needs both), or neither")
+        trend = None
+        if train_loss is not None:
+            gap = float(val_loss) - float(train_loss)
+            if not math.isfinite(gap):
+                raise ValueError(f"train_loss={train_loss!r} and val_loss={val_loss!r} must be finite")
+            trend = self._observe_gap(gap)
+        unknown = set(grads or {}) - set(self.groups)
+        if unknown:
+            raise ValueError(f"grads has groups {sorted(unknown)} not in this AdaptiveDropout's groups {self.groups}")
+        lo, hi = self.adaptive_range
+        for group, i in self._index.items():
+            ratio = _noise_ratio((grads or {}).get(group))
+            noisy = ratio is not None and ratio > self.noise_threshold
+            widening = trend is not None and trend > _TREND_EPS
+            if widening or noisy:
+                delta = self.step_size
+            elif trend is not None or ratio is not None:
+                delta = -self.step_size
+            else:
+                continue
+            self.rates[i] = min(hi, max(lo, float(self.rates[i]) + delta))
+        return self.get_current_rate()
+
+    def _observe_gap(self, gap: float) -> float | None:
+        k = int(self.n_observations)
+        s = gap if k == 0 else self.momentum * float(self.smoothed_gap) + (1.0 - self.momentum) * gap
+        self.smoothed_gap.fill_(s)
+        # gap_window is a ring ordered oldest-first once rolled.
+        self.gap_window.copy_(torch.roll(self.gap_window, -1))
+        self.gap_window[-1] = s
+        self.n_observations += 1
+        m = min(k + 1, self.window_size)
+        if m < 2:
+            return None
+        ys = self.gap_window[-m:].cpu().numpy()
+        xs = np.arange(m, dtype=np.float64)
+        return float(np.polyfit(xs, ys, 1)[0])
+
+    def get_current_rate(self, group: str | None = None) -> float | dict[str, float]:
+        if group is None:
+            return {g: float(self.rates[i]) for g, i in self._index.items()}
+        if group not in self._index:
+            raise ValueError(f"group={group!r} is not one of this AdaptiveDropout's groups {self.groups}")
+        return float(self.rates[self._index[group]])
+
+    def reset(self) -> None:
+        """Restore the initial rates and forget the gap history."""
+        self.rates.fill_(self.p)
+        self.smoothed_gap.zero_()
+        self.gap_window.zero_()
+        self.n_observations.zero_()
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}, rates={self.get_current_rate()}, range={self.adaptive_range}"
+
+
+def _noise_ratio(norms: torch.Tensor | Iterable[float] | None) -> float | None:
+    if norms is None:
+        return None
+    if isinstance(norms, torch.Tensor):
+        arr = norms.detach().double().cpu().numpy().ravel()
+    else:
+        arr = np.asarray(list(norms), dtype=np.float64).ravel()
+    if arr.size < 2:
+        return None
+    mean = abs(arr.mean())
+    return float(arr.std() / mean) if mean > 0 else math.inf
+
+
+def default_regularisation(n_rows: int, n_features: int) -> dict[str, float]:
+    """Starting dropout and weight decay from dataset size, with rho = n_rows / n_features.
+
+    n_features stands in for the parameter count (rows per parameter is what overfitting
+    depends on).
+      weight_decay = clip(0.01 / rho, 1e-6, 1e-2)            (an L2 prior that fades as data grows)
+      dropout      = clip(0.5 - 0.1 * log10(rho), 0.05, 0.5)  (0.5 at one row per feature,
+                                                              0.05 from ~30k rows per feature)
+    Both are non-increasing in n_rows and non-decreasing in n_features.
+    """
+    for name, v in (("n_rows", n_rows), ("n_features", n_features)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    rho = n_rows / n_features
+    weight_decay = float(np.clip(0.01 / rho, 1e-6, 1e-2))
+    dropout = float(np.clip(0.5 - 0.1 * math.log10(rho), 0.05, 0.5))
+    return {"dropout": dropout, "weight_decay": weight_decay}
