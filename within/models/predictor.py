@@ -192,10 +192,10 @@ class AdScorePredictor(BaseMLModel):
         model.processor = FeatureProcessor.from_dict(_read_json(path / SPEC_FILE))
         calib = _read_json(path / CALIBRATION_FILE) if (path / CALIBRATION_FILE).exists() else {}
         from within.calibration import calibrator_from_dict
-        from within.calibration.intervals import intervals_from_dict
+        from within.calibration.intervals import ProbabilityIntervals
 
         model.calibrator = calibrator_from_dict(calib["calibrator"]) if calib.get("calibrator") else None
-        model.intervals = intervals_from_dict(calib["intervals"]) if calib.get("intervals") else None
+        model.intervals = ProbabilityIntervals.from_dict(calib["intervals"]) if calib.get("intervals") else None
         return model
 
 
