@@ -72,8 +72,9 @@ class AdScoreModule(L.LightningModule):
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.net = torch.compile(net) if compile else net
-        self.split_loss = nn.ModuleDict({s: MeanMetric() for s in ("train", "val", "test")})
-        self.split_scores = nn.ModuleDict({s: ScoreCollector() for s in ("val", "test")})
+        # keys carry a suffix: ModuleDict refuses "train", which is an nn.Module method
+        self.split_loss = nn.ModuleDict({f"{s}_loss": MeanMetric() for s in ("train", "val", "test")})
+        self.split_scores = nn.ModuleDict({f"{s}_scores": ScoreCollector() for s in ("val", "test")})
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.net(batch)
@@ -84,14 +85,14 @@ class AdScoreModule(L.LightningModule):
         total = binomial_logloss(logits, clicks, impressions)
         n = impressions.sum()
         loss = total / n
-        self.split_loss[split].update(loss.detach(), weight=n)
+        self.split_loss[f"{split}_loss"].update(loss.detach(), weight=n)
         if split != "train":
-            self.split_scores[split].update(torch.sigmoid(logits.detach()), clicks, impressions)
+            self.split_scores[f"{split}_scores"].update(torch.sigmoid(logits.detach()), clicks, impressions)
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, "train")
-        self.log("train/loss", self.split_loss["train"], on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/loss", self.split_loss["train_loss"], on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -101,12 +102,12 @@ class AdScoreModule(L.LightningModule):
         self._step(batch, "test")
 
     def _log_epoch(self, split: str) -> None:
-        scores = self.split_scores[split].compute()
-        self.log(f"{split}/logloss", self.split_loss[split].compute(), prog_bar=True, sync_dist=False)
+        scores = self.split_scores[f"{split}_scores"].compute()
+        self.log(f"{split}/logloss", self.split_loss[f"{split}_loss"].compute(), prog_bar=True, sync_dist=False)
         self.log(f"{split}/auc", scores["auc"].float(), prog_bar=True)
         self.log(f"{split}/ece", scores["ece"].float())
-        self.split_loss[split].reset()
-        self.split_scores[split].reset()
+        self.split_loss[f"{split}_loss"].reset()
+        self.split_scores[f"{split}_scores"].reset()
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")

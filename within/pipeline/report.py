@@ -86,7 +86,8 @@ def plot_training_curve(rows: list[dict[str, float]], path: Path) -> Path | None
             ax1.plot(hist["epoch"], hist[key], "o-", label=key)
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("log loss")
-    ax1.legend()
+    if ax1.lines:
+        ax1.legend()
     if "val/auc" in hist:
         ax2.plot(hist["epoch"], hist["val/auc"], "o-", color="tab:green", label="val/auc")
         ax2.set_xlabel("epoch")

@@ -1,0 +1,291 @@
+"""Per-modality encoders: tabular, hashed text, images. Plain `nn.Module`s, no Lightning.
+
+Layers are limited to those Opacus computes per-sample gradients for (Linear, Embedding,
+EmbeddingBag, Conv2d, LayerNorm/GroupNorm), so every encoder also trains under DP-SGD.
+With `dp_compatible=True` an encoder keeps each sample's data on the batch dimension
+(no folding fields into the batch), which per-sample gradients require.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def auto_embedding_dim(cardinality: int, cap: int = 16) -> int:
+    """Embedding width for a field with `cardinality` values: min(cap, round(1.6 * card^0.56)).
+
+    The rule of thumb from fastai (Howard & Gugger, 2020), capped because CTR towers gain little
+    from wide embeddings of a single field while the tower's input width (and cost) grows.
+    """
+    return max(1, min(cap, round(1.6 * cardinality**0.56)))
+
+
+class TabularEncoder(nn.Module):
+    """Categorical embeddings + numerics -> one vector per row.
+
+    Args:
+        cat_cardinalities: number of indices per categorical field, including 0 = pad and 1 = OOV.
+        n_num: width of the numeric block `num`.
+        out_dim: width of the output vector.
+        embedding_dim: one width for every field; None picks `auto_embedding_dim` per field.
+        embedding_dims: per-field widths (None entries fall back to `embedding_dim` / the rule).
+
+    `forward(cat, num)` returns `(vector [B, out_dim], raw [B, raw_dim])`, where `raw` is the
+    concatenated embeddings and numerics: the predictor feeds it to the tower directly too, so
+    strong additive effects need not squeeze through the `out_dim` bottleneck.
+    """
+
+    def __init__(
+        self,
+        cat_cardinalities: Sequence[int],
+        n_num: int,
+        out_dim: int = 64,
+        embedding_dim: int | None = None,
+        embedding_dims: Sequence[int | None] | None = None,
+    ) -> None:
+        super().__init__()
+        cards = [int(c) for c in cat_cardinalities]
+        for i, c in enumerate(cards):
+            if c < 2:
+                raise ValueError(
+                    f"cat_cardinalities[{i}]={c}: a categorical field needs at least 2 indices "
+                    "(0 = pad, 1 = OOV); count them in the cardinality"
+                )
+        if n_num < 0:
+            raise ValueError(f"n_num must be >= 0, got {n_num}")
+        if not cards and n_num == 0:
+            raise ValueError("TabularEncoder needs at least one categorical field or one numeric column")
+        if embedding_dims is not None and len(embedding_dims) != len(cards):
+            raise ValueError(
+                f"embedding_dims has {len(embedding_dims)} entries but there are {len(cards)} "
+                "categorical fields; give one per field (None = automatic)"
+            )
+        dims = []
+        for i, c in enumerate(cards):
+            given = embedding_dims[i] if embedding_dims is not None else None
+            dims.append(int(given or embedding_dim or auto_embedding_dim(c)))
+        self.cat_cardinalities = cards
+        self.embedding_dims = dims
+        self.n_num = int(n_num)
+        self.out_dim = int(out_dim)
+        self.embeddings = nn.ModuleList(nn.Embedding(c, d, padding_idx=0) for c, d in zip(cards, dims))
+        for emb in self.embeddings:
+            # Small init: with Adam, a unit-scale table moves slowly relative to its size.
+            nn.init.normal_(emb.weight, std=0.05)
+            with torch.no_grad():
+                emb.weight[0].zero_()
+        self.raw_dim = sum(dims) + self.n_num
+        self.proj = nn.Linear(self.raw_dim, self.out_dim)
+
+    def forward(self, cat: torch.Tensor | None, num: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [emb(cat[:, i]) for i, emb in enumerate(self.embeddings)]
+        if self.n_num:
+            parts.append(num)
+        raw = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        return self.proj(raw), raw
+
+
+class HashedTextEncoder(nn.Module):
+    """Hashed bag-of-words per text field -> one vector per row.
+
+    All fields share one table of `n_buckets` rows (half the optimizer work of per-field tables,
+    and one kernel call); a per-field projection after the bag tells the fields apart. Token 0 is
+    padding and is left out of the mean; a field with no tokens gives the zero vector.
+
+    Input `text` int64 [B, n_fields, L]. Output [B, out_dim].
+    With `dp_compatible`, an nn.Embedding + masked mean replaces the EmbeddingBag: Opacus's
+    EmbeddingBag sampler needs 1-D input with offsets and loops in Python per sample.
+    """
+
+    def __init__(
+        self,
+        n_fields: int,
+        n_buckets: int,
+        out_dim: int = 32,
+        embedding_dim: int | None = None,
+        dp_compatible: bool = False,
+    ) -> None:
+        super().__init__()
+        if n_fields < 1:
+            raise ValueError(f"n_fields must be >= 1, got {n_fields}")
+        if n_buckets < 2:
+            raise ValueError(f"n_buckets must be >= 2 (0 is padding), got {n_buckets}")
+        self.n_fields = int(n_fields)
+        self.n_buckets = int(n_buckets)
+        self.embedding_dim = int(embedding_dim or out_dim)
+        self.out_dim = int(out_dim)
+        self.dp_compatible = bool(dp_compatible)
+        if self.dp_compatible:
+            self.table: nn.Module = nn.Embedding(self.n_buckets, self.embedding_dim, padding_idx=0)
+        else:
+            self.table = nn.EmbeddingBag(self.n_buckets, self.embedding_dim, mode="mean", padding_idx=0)
+        nn.init.normal_(self.table.weight, std=0.1)
+        with torch.no_grad():
+            self.table.weight[0].zero_()
+        self.proj = nn.Linear(self.n_fields * self.embedding_dim, self.out_dim)
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        b, f, length = text.shape
+        if self.dp_compatible:
+            emb = self.table(text)  # [B, F, L, D]
+            present = (text != 0).unsqueeze(-1).to(emb.dtype)
+            bags = (emb * present).sum(2) / present.sum(2).clamp_min(1.0)
+        else:
+            bags = self.table(text.reshape(b * f, length)).reshape(b, f, self.embedding_dim)
+        return self.proj(bags.reshape(b, f * self.embedding_dim))
+
+
+class SimpleCNNImageEncoder(nn.Module):
+    """Small CNN for small images: 3 strided 3x3 convs, global mean pool, Linear.
+
+    No BatchNorm (it mixes samples, which DP-SGD forbids); pixels are scaled to [-0.5, 0.5].
+    Input `image` uint8 [B, n_images, C, H, W]; one CNN is shared by all image fields, and a
+    Linear over the concatenated per-image vectors gives [B, out_dim].
+    """
+
+    def __init__(
+        self,
+        n_images: int,
+        channels: int = 3,
+        out_dim: int = 32,
+        widths: Sequence[int] = (16, 32, 32),
+        dp_compatible: bool = False,
+    ) -> None:
+        super().__init__()
+        if n_images < 1 or channels < 1:
+            raise ValueError(f"n_images and channels must be >= 1, got {n_images} and {channels}")
+        self.n_images = int(n_images)
+        self.channels = int(channels)
+        self.out_dim = int(out_dim)
+        self.dp_compatible = bool(dp_compatible)
+        layers: list[nn.Module] = []
+        c_in = self.channels
+        for w in widths:
+            layers += [nn.Conv2d(c_in, int(w), 3, stride=2, padding=1), nn.ReLU()]
+            c_in = int(w)
+        self.convs = nn.Sequential(*layers)
+        self.per_image = nn.Linear(c_in, self.out_dim)
+        self.proj = nn.Linear(self.n_images * self.out_dim, self.out_dim) if self.n_images > 1 else nn.Identity()
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.convs[0].weight.dtype) / 255.0 - 0.5
+        return self.per_image(self.convs(x).mean(dim=(2, 3)))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        b, n = image.shape[:2]
+        if self.dp_compatible:
+            # One call per field keeps the batch dimension = samples, as per-sample grads need.
+            vecs = [self._encode(image[:, i]) for i in range(n)]
+            flat = torch.cat(vecs, dim=1)
+        else:
+            flat = self._encode(image.reshape(b * n, *image.shape[2:])).reshape(b, n * self.out_dim)
+        return self.proj(flat)
+
+
+class TimmImageEncoder(nn.Module):
+    """Any timm backbone as the image encoder: uint8 [B, n_images, C, H, W] -> [B, out_dim].
+
+    Args:
+        name: a timm model name, e.g. "resnet18" or "mobilenetv3_small_050".
+        pretrained: download timm's weights (needs network access).
+        weights_path: a local `.safetensors` file (or a torch state dict, loaded with
+            weights_only=True so it cannot run code) for the backbone.
+        dp_compatible: replace BatchNorm with GroupNorm via opacus' ModuleValidator.fix.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        n_images: int = 1,
+        channels: int = 3,
+        out_dim: int = 32,
+        pretrained: bool = False,
+        weights_path: str | None = None,
+        dp_compatible: bool = False,
+    ) -> None:
+        super().__init__()
+        try:
+            timm = importlib.import_module("timm")
+        except ImportError as e:
+            raise ImportError(
+                f"image_encoder={name!r} needs the `timm` package, which is not installed: "
+                "`pip install timm`, or use image_encoder='simple_cnn'"
+            ) from e
+        try:
+            backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=channels)
+        except RuntimeError as e:
+            raise ValueError(f"image_encoder={name!r}: timm cannot build it ({e}); see timm.list_models()") from e
+        if weights_path is not None:
+            backbone.load_state_dict(_load_state_dict(weights_path), strict=False)
+        if dp_compatible:
+            from opacus.validators import ModuleValidator
+
+            backbone = ModuleValidator.fix(backbone)
+        cfg = getattr(backbone, "pretrained_cfg", None) or {}
+        mean = torch.tensor(cfg.get("mean", (0.5,) * channels)[:channels], dtype=torch.float32)
+        std = torch.tensor(cfg.get("std", (0.5,) * channels)[:channels], dtype=torch.float32)
+        if mean.numel() != channels:  # a single-channel config, or fewer channels than the image
+            mean, std = mean.mean().repeat(channels), std.mean().repeat(channels)
+        self.register_buffer("mean", mean.view(1, channels, 1, 1), persistent=False)
+        self.register_buffer("std", std.view(1, channels, 1, 1), persistent=False)
+        self.name = name
+        self.n_images = int(n_images)
+        self.out_dim = int(out_dim)
+        self.dp_compatible = bool(dp_compatible)
+        self.backbone = backbone
+        self.proj = nn.Linear(self.n_images * int(backbone.num_features), self.out_dim)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.to(self.mean.dtype) / 255.0 - self.mean) / self.std
+        return self.backbone(x)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        b, n = image.shape[:2]
+        if self.dp_compatible:
+            flat = torch.cat([self._encode(image[:, i]) for i in range(n)], dim=1)
+        else:
+            flat = self._encode(image.reshape(b * n, *image.shape[2:])).reshape(b, -1)
+        return self.proj(flat)
+
+
+def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"weights_path={path!r} does not exist; give a .safetensors file")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(p))
+    return torch.load(str(p), map_location="cpu", weights_only=True)
+
+
+def build_image_encoder(
+    image_encoder: str,
+    n_images: int,
+    channels: int,
+    out_dim: int,
+    dp_compatible: bool = False,
+    pretrained: bool = False,
+    weights_path: str | None = None,
+) -> nn.Module:
+    """`simple_cnn` or a timm model name -> an encoder mapping uint8 images to [B, out_dim]."""
+    if image_encoder == "simple_cnn":
+        return SimpleCNNImageEncoder(n_images, channels, out_dim, dp_compatible=dp_compatible)
+    return TimmImageEncoder(
+        image_encoder, n_images, channels, out_dim, pretrained=pretrained, weights_path=weights_path,
+        dp_compatible=dp_compatible,
+    )
+
+
+__all__ = [
+    "HashedTextEncoder",
+    "SimpleCNNImageEncoder",
+    "TabularEncoder",
+    "TimmImageEncoder",
+    "auto_embedding_dim",
+    "build_image_encoder",
+]

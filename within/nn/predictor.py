@@ -1,0 +1,430 @@
+"""AdPredictorNN: the multimodal CTR network (plain PyTorch; `within.lit` wraps it for training).
+
+    tabular (cat + num) ─ TabularEncoder ─┬─ vector ─┐
+                                          └─ raw embeddings + numerics ───────────┐
+    text  ─ HashedTextEncoder ─ vector ─┤ missing rows -> learned vector          ├─ concat ─ tower ─ head ─ + wide ─ logit
+    image ─ image encoder ───── vector ─┘ (AdaptiveDropout per modality)          │
+                   all vectors ─ CrossModalAttention ─────────────────────────────┘
+
+The tower is [Linear -> BatchNorm1d (LayerNorm when dp_compatible) -> ReLU -> Dropout] per
+hidden width, with an optional QuantumNoiseLayer after the first block. The wide part is a
+first-order term, one learned scalar per category value, summed into the logit as in Wide & Deep
+(Cheng et al., 2016): additive per-ID effects, which dominate CTR, need no tower capacity.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from within.nn.attention import CrossModalAttention
+from within.nn.encoders import HashedTextEncoder, TabularEncoder, build_image_encoder
+
+MODALITIES = ("tabular", "text", "image")
+_INPUT_KEYS = (
+    "n_num", "cat_cardinalities", "cat_embedding_dims", "text_fields", "text_buckets",
+    "image_fields", "image_channels", "image_size",
+)
+
+
+def _import_layer(module: str, name: str, option: str) -> Any:
+    """Import an optional layer lazily; fail loudly rather than train without it."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ImportError(
+            f"{option} needs {module}.{name}, which is not built yet or failed to import ({e}); "
+            f"turn {option} off or install that module"
+        ) from e
+
+
+def _normalise_input_dim(input_dim: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(input_dim, Mapping):
+        raise TypeError(
+            f"input_dim must be a dict like FeatureProcessor.input_dim, got {type(input_dim).__name__}"
+        )
+    unknown = sorted(set(input_dim) - set(_INPUT_KEYS))
+    if unknown:
+        raise ValueError(f"input_dim has unknown keys {unknown}; known keys are {list(_INPUT_KEYS)}")
+    d: dict[str, Any] = {}
+    for key in ("n_num", "text_fields", "text_buckets", "image_fields", "image_channels", "image_size"):
+        v = input_dim.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"input_dim[{key!r}] must be an int >= 0, got {v!r}")
+        d[key] = int(v)
+    cards = input_dim.get("cat_cardinalities", [])
+    if isinstance(cards, (str, bytes)) or not isinstance(cards, Sequence):
+        raise TypeError(f"input_dim['cat_cardinalities'] must be a list of ints, got {cards!r}")
+    d["cat_cardinalities"] = [int(c) for c in cards]
+    dims = input_dim.get("cat_embedding_dims")
+    if dims is not None and len(dims) != len(cards):
+        raise ValueError(
+            f"input_dim['cat_embedding_dims'] has {len(dims)} entries for {len(cards)} categorical "
+            "fields; give one per field (null = automatic)"
+        )
+    d["cat_embedding_dims"] = None if dims is None else [None if x is None else int(x) for x in dims]
+    if d["text_fields"] and d["text_buckets"] < 2:
+        raise ValueError(f"input_dim['text_buckets'] must be >= 2 with text fields, got {d['text_buckets']}")
+    if d["image_fields"] and (d["image_channels"] < 1 or d["image_size"] < 1):
+        raise ValueError(
+            "input_dim['image_channels'] and input_dim['image_size'] must be >= 1 with image fields, got "
+            f"{d['image_channels']} and {d['image_size']}"
+        )
+    return d
+
+
+class AdPredictorNN(nn.Module):
+    """Multimodal CTR network: AdBatch (dict[str, Tensor]) -> float32 logits [B].
+
+    Args:
+        input_dim: FeatureProcessor.input_dim, e.g. {"n_num": 7, "cat_cardinalities": [7, 5],
+            "text_fields": 2, "text_buckets": 32768, "image_fields": 1, "image_channels": 3,
+            "image_size": 16}. Modalities with no fields are left out of the model.
+        hidden_dims: tower widths.
+        dropout_rate: dropout after each tower block.
+        enable_quantum_noise: put a QuantumNoiseLayer (kwargs from `noise`) after the first block.
+        use_cross_modal: add CrossModalAttention over the modality vectors to the tower input.
+        attention_heads, attention_dim: CrossModalAttention size.
+        text_dim, image_dim: width of the text and image vectors.
+        image_encoder: "simple_cnn" or a timm model name.
+        noise: kwargs for QuantumNoiseLayer (channels is set here).
+        adaptive_dropout: kwargs for AdaptiveDropout applied to each modality vector; None = off.
+        dp_compatible: LayerNorm instead of BatchNorm, DPMultiheadAttention, per-sample-safe
+            encoders, so Opacus can compute per-sample gradients.
+        tabular_dim: width of the tabular vector.
+        embedding_dim: one width for every categorical embedding (None = per-field rule).
+        use_wide: add the first-order (wide) term over categorical values.
+        image_pretrained, image_weights_path: passed to a timm image encoder.
+    """
+
+    def __init__(
+        self,
+        input_dim: Mapping[str, Any],
+        hidden_dims: Sequence[int] = (256, 128),
+        dropout_rate: float = 0.1,
+        enable_quantum_noise: bool = False,
+        use_cross_modal: bool = True,
+        attention_heads: int = 4,
+        attention_dim: int = 64,
+        text_dim: int = 32,
+        image_dim: int = 32,
+        image_encoder: str = "simple_cnn",
+        noise: Mapping[str, Any] | None = None,
+        adaptive_dropout: Mapping[str, Any] | None = None,
+        dp_compatible: bool = False,
+        tabular_dim: int = 64,
+        embedding_dim: int | None = None,
+        use_wide: bool = True,
+        image_pretrained: bool = False,
+        image_weights_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.input_dim = _normalise_input_dim(input_dim)
+        d = self.input_dim
+        if not 0.0 <= dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
+        hidden_dims = [int(h) for h in hidden_dims]
+        if any(h < 1 for h in hidden_dims):
+            raise ValueError(f"hidden_dims must be positive ints, got {hidden_dims}")
+        self.dp_compatible = bool(dp_compatible)
+        self.use_cross_modal = bool(use_cross_modal)
+        self.hidden_dims = hidden_dims
+        cards = d["cat_cardinalities"]
+        self.n_cat = len(cards)
+
+        self.modalities: list[str] = []
+        vec_dims: dict[str, int] = {}
+        fused_dim = 0
+        if cards or d["n_num"]:
+            self.tabular = TabularEncoder(cards, d["n_num"], tabular_dim, embedding_dim, d["cat_embedding_dims"])
+            self.modalities.append("tabular")
+            vec_dims["tabular"] = tabular_dim
+            fused_dim += self.tabular.raw_dim
+        if d["text_fields"]:
+            self.text = HashedTextEncoder(d["text_fields"], d["text_buckets"], text_dim, dp_compatible=dp_compatible)
+            self.modalities.append("text")
+            vec_dims["text"] = text_dim
+        if d["image_fields"]:
+            self.image = build_image_encoder(
+                image_encoder, d["image_fields"], d["image_channels"], image_dim, dp_compatible=dp_compatible,
+                pretrained=image_pretrained, weights_path=image_weights_path,
+            )
+            self.modalities.append("image")
+            vec_dims["image"] = image_dim
+        if not self.modalities:
+            raise ValueError(
+                "input_dim describes no features (no cat_cardinalities, n_num, text_fields or image_fields); "
+                "the feature spec needs at least one field"
+            )
+        fused_dim += sum(vec_dims.values())
+        # A learned stand-in per modality for rows where it is missing (nn.Embedding: Opacus-safe).
+        self.missing = nn.ModuleDict({m: nn.Embedding(1, w) for m, w in vec_dims.items()})
+        for emb in self.missing.values():
+            nn.init.normal_(emb.weight, std=0.02)
+
+        self.modality_dropout = None
+        if adaptive_dropout is not None:
+            cls = _import_layer("within.nn.dropout", "AdaptiveDropout", "adaptive_dropout")
+            self.modality_dropout = cls(**dict(adaptive_dropout))
+            absent = [m for m in self.modalities if m not in self.modality_dropout.groups]
+            if absent:
+                raise ValueError(
+                    f"adaptive_dropout.groups={list(self.modality_dropout.groups)} lacks {absent}; "
+                    f"include every modality of this model: {self.modalities}"
+                )
+
+        self.attention = None
+        if self.use_cross_modal:
+            self.attention = CrossModalAttention(
+                vec_dims, attention_heads, attention_dim, dropout=dropout_rate, dp_compatible=dp_compatible
+            )
+            fused_dim += attention_dim
+        self.fused_dim = fused_dim
+
+        layers: list[nn.Module] = []
+        width = fused_dim
+        for i, h in enumerate(hidden_dims):
+            # BatchNorm mixes samples in a batch, which breaks DP-SGD's per-sample clipping.
+            layers += [nn.Linear(width, h), nn.LayerNorm(h) if self.dp_compatible else nn.BatchNorm1d(h), nn.ReLU()]
+            if dropout_rate > 0:
+                layers.append(nn.Dropout(dropout_rate))
+            if i == 0 and enable_quantum_noise:
+                cls = _import_layer("within.nn.noise", "QuantumNoiseLayer", "enable_quantum_noise")
+                layers.append(cls(h, **dict(noise or {})))
+            width = h
+        self.tower = nn.Sequential(*layers)
+        self.head = nn.Linear(width, 1)
+
+        self.wide = None
+        if use_wide and cards:
+            self.wide = nn.Embedding(sum(cards), 1)
+            nn.init.zeros_(self.wide.weight)
+            offsets = torch.tensor([0] + cards[:-1], dtype=torch.long).cumsum(0)
+            self.register_buffer("wide_offsets", offsets, persistent=False)
+        self.register_buffer("_cat_limits", torch.tensor(cards, dtype=torch.long), persistent=False)
+
+    # ---- input checks -----------------------------------------------------------------------
+    def _check_batch(self, X: Mapping[str, torch.Tensor]) -> int:
+        """Validate the AdBatch keys the model reads; return the batch size."""
+        if not isinstance(X, Mapping):
+            raise TypeError(f"AdPredictorNN expects an AdBatch dict[str, Tensor], got {type(X).__name__}")
+        d = self.input_dim
+        sizes: dict[str, int] = {}
+
+        def need(key: str, what: str) -> torch.Tensor:
+            if key not in X:
+                raise KeyError(f"batch[{key!r}] is missing; the model was built for {what}. Pass batch[{key!r}].")
+            return X[key]
+
+        def check(key: str, t: Any, dtypes: tuple[torch.dtype, ...], shape: tuple[int | None, ...], what: str) -> None:
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"batch[{key!r}] must be a torch.Tensor ({what}), got {type(t).__name__}")
+            if t.dtype not in dtypes:
+                names = " or ".join(str(x).replace("torch.", "") for x in dtypes)
+                raise TypeError(f"batch[{key!r}] must have dtype {names} ({what}), got {str(t.dtype).replace('torch.', '')}")
+            if t.dim() != len(shape) or any(s is not None and s != t.shape[i] for i, s in enumerate(shape)):
+                want = "[" + ", ".join("B" if i == 0 else ("*" if s is None else str(s)) for i, s in enumerate(shape)) + "]"
+                raise ValueError(f"batch[{key!r}] must have shape {want} ({what}), got {list(t.shape)}")
+            sizes[key] = t.shape[0]
+
+        ints = (torch.int64, torch.int32)
+        if self.n_cat:
+            cat = need("cat", f"{self.n_cat} categorical fields")
+            check("cat", cat, ints, (None, self.n_cat), "category indices, 0 = pad, 1 = OOV")
+            # Range check only on CPU: on GPU it would force a device sync every step.
+            if cat.device.type == "cpu" and cat.numel():
+                bad = (cat < 0) | (cat >= self._cat_limits)
+                if bool(bad.any()):
+                    row, field = (int(v) for v in bad.nonzero()[0])
+                    raise ValueError(
+                        f"batch['cat'][{row}, {field}] = {int(cat[row, field])} is outside [0, "
+                        f"{self.input_dim['cat_cardinalities'][field]}) for categorical field {field}; "
+                        "encode with the FeatureProcessor fitted for this model"
+                    )
+        if d["n_num"]:
+            num = need("num", f"{d['n_num']} numeric columns")
+            check("num", num, (torch.float32,), (None, d["n_num"]), "scaled numerics")
+        if "text" in self.modalities and "text" in X:
+            check("text", X["text"], ints, (None, d["text_fields"], None), "hashed token ids, 0 = pad")
+            t = X["text"]
+            if t.device.type == "cpu" and t.numel() and bool(((t < 0) | (t >= d["text_buckets"])).any()):
+                raise ValueError(f"batch['text'] has token ids outside [0, {d['text_buckets']}); rehash with "
+                                 f"n_buckets={d['text_buckets']}")
+        if "image" in self.modalities and "image" in X:
+            check("image", X["image"], (torch.uint8,), (None, d["image_fields"], d["image_channels"], None, None),
+                  "raw pixels")
+        for m in self.modalities:
+            key = f"mask_{m}"
+            if X.get(key) is not None:
+                check(key, X[key], (torch.bool,), (None,), "True where the modality is present")
+        if not sizes:
+            raise ValueError(f"the batch holds none of this model's inputs; it needs modalities {self.modalities}")
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"batch tensors disagree on the batch size: { {k: int(v) for k, v in sizes.items()} }")
+        return int(next(iter(sizes.values())))
+
+    # ---- forward ----------------------------------------------------------------------------
+    def _encode(self, X: Mapping[str, torch.Tensor]) -> tuple[dict, dict, torch.Tensor | None, torch.Tensor | None]:
+        """Modality vectors (missing rows replaced), masks, raw tabular block, wide logit."""
+        b = self._check_batch(X)
+        device = next(self.parameters()).device
+        zero = torch.zeros(b, dtype=torch.long, device=device)
+        vecs: dict[str, torch.Tensor] = {}
+        masks: dict[str, torch.Tensor] = {}
+        raw = wide = None
+        for m in self.modalities:
+            mask = X.get(f"mask_{m}")
+            if m == "tabular":
+                vec, raw = self.tabular(X.get("cat"), X.get("num"))
+                if self.wide is not None:
+                    wide = self.wide(X["cat"] + self.wide_offsets).sum(dim=(1, 2))
+            elif m in X:
+                vec = getattr(self, m)(X[m])
+            else:
+                # Modality absent from the batch: every row is missing.
+                vec, mask = None, torch.zeros(b, dtype=torch.bool, device=device)
+            fill = self.missing[m](zero)
+            if vec is None:
+                vec = fill
+            elif mask is not None:
+                vec = torch.where(mask.unsqueeze(1), vec, fill)
+                if m == "tabular":
+                    keep = mask.to(raw.dtype)
+                    raw = raw * keep.unsqueeze(1)
+                    wide = None if wide is None else wide * keep.to(wide.dtype)
+            if self.modality_dropout is not None:
+                vec = self.modality_dropout(vec, m)
+            vecs[m] = vec
+            if mask is not None:
+                masks[m] = mask
+        return vecs, masks, raw, wide
+
+    def _fuse(self, vecs: dict, masks: dict, raw: torch.Tensor | None) -> torch.Tensor:
+        parts = [vecs[m] for m in self.modalities]
+        if raw is not None:
+            parts.append(raw)
+        if self.attention is not None:
+            parts.append(self.attention(vecs, masks))
+        dtype = parts[0].dtype
+        for p in parts[1:]:
+            dtype = torch.promote_types(dtype, p.dtype)
+        return torch.cat([p.to(dtype) for p in parts], dim=1)
+
+    def forward(self, X: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """AdBatch -> float32 logits [B]."""
+        vecs, masks, raw, wide = self._encode(X)
+        logits = self.head(self.tower(self._fuse(vecs, masks, raw))).squeeze(-1).float()
+        return logits if wide is None else logits + wide.float()
+
+    def feature_extraction(self, X: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The fused representation fed to the tower: [B, fused_dim]."""
+        vecs, masks, raw, _ = self._encode(X)
+        return self._fuse(vecs, masks, raw)
+
+    def attention_weights(self, X: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-modal attention [B, M, M] for this batch (order: `self.modalities`), no grad."""
+        if self.attention is None:
+            raise RuntimeError("attention_weights needs use_cross_modal=True; this model was built without it")
+        with torch.no_grad():
+            vecs, masks, _, _ = self._encode(X)
+            self.attention(vecs, masks)
+        return self.attention.get_attention_weights()
+
+    # ---- inference copies -------------------------------------------------------------------
+    def fuse_bn(self) -> AdPredictorNN:
+        """An eval-mode copy with each tower Linear -> BatchNorm1d pair folded into the Linear.
+
+        BN in eval is y = (x - mean) * g / sqrt(var + eps) + beta, an affine map, so
+        W' = W * s (row-wise), b' = (b - mean) * s + beta with s = g / sqrt(var + eps).
+        """
+        model = copy.deepcopy(self).eval()
+        layers = list(model.tower)
+        for i in range(len(layers) - 1):
+            lin, bn = layers[i], layers[i + 1]
+            if not (isinstance(lin, nn.Linear) and isinstance(bn, nn.BatchNorm1d)):
+                continue
+            with torch.no_grad():
+                scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+                lin.weight.copy_((lin.weight.double() * scale.unsqueeze(1)).to(lin.weight.dtype))
+                bias = lin.bias.double() if lin.bias is not None else torch.zeros_like(scale)
+                new_bias = ((bias - bn.running_mean.double()) * scale + bn.bias.double()).to(lin.weight.dtype)
+                if lin.bias is None:
+                    lin.bias = nn.Parameter(new_bias)
+                else:
+                    lin.bias.copy_(new_bias)
+            layers[i + 1] = nn.Identity()
+        model.tower = nn.Sequential(*layers)
+        return model
+
+    def quantize(self) -> nn.Module:
+        """An int8 copy for CPU inference (dynamic quantization of the Linear layers); self is untouched.
+
+        BatchNorm is folded first, so each quantized Linear carries the whole affine map.
+        torchao's int8 dynamic quantization is used when it imports and runs; otherwise
+        torch.ao.quantization.quantize_dynamic, which PyTorch has deprecated in favour of torchao.
+        """
+        base = self.fuse_bn().cpu()
+        probe = self.example_batch(self.input_dim, 4)
+        try:
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+            model = copy.deepcopy(base)
+            quantize_(model, Int8DynamicActivationInt8WeightConfig())
+            with torch.no_grad():
+                model(probe)
+            return model
+        except Exception as e:  # noqa: BLE001 - any torchao failure means: use the torch.ao path
+            if not isinstance(e, ImportError):
+                warnings.warn(f"torchao int8 quantization failed ({e}); using torch.ao.quantization", stacklevel=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*quantize.*deprecated", category=UserWarning)
+            return torch.ao.quantization.quantize_dynamic(base, {nn.Linear}, dtype=torch.qint8)
+
+    # ---- test / benchmark helper ------------------------------------------------------------
+    @staticmethod
+    def example_batch(
+        input_dim: Mapping[str, Any],
+        batch_size: int = 8,
+        missing: Iterable[str] = (),
+        seed: int = 0,
+        text_len: int = 8,
+        device: str | torch.device = "cpu",
+    ) -> dict[str, torch.Tensor]:
+        """A random valid AdBatch for `input_dim`; modalities named in `missing` are masked out."""
+        d = _normalise_input_dim(input_dim)
+        missing = set(missing)
+        unknown = missing - set(MODALITIES)
+        if unknown:
+            raise ValueError(f"missing={sorted(unknown)} names no modality; use a subset of {MODALITIES}")
+        g = torch.Generator().manual_seed(seed)
+        b = int(batch_size)
+        out: dict[str, torch.Tensor] = {}
+        cards = d["cat_cardinalities"]
+        if cards:
+            out["cat"] = torch.stack([torch.randint(1, c, (b,), generator=g) for c in cards], dim=1)
+        if d["n_num"]:
+            out["num"] = torch.randn(b, d["n_num"], generator=g)
+        if cards or d["n_num"]:
+            out["mask_tabular"] = torch.full((b,), "tabular" not in missing)
+        if d["text_fields"]:
+            text = torch.randint(1, d["text_buckets"], (b, d["text_fields"], text_len), generator=g)
+            lengths = torch.randint(1, text_len + 1, (b, d["text_fields"], 1), generator=g)
+            out["text"] = text * (torch.arange(text_len) < lengths)  # right-padded with 0
+            out["mask_text"] = torch.full((b,), "text" not in missing)
+        if d["image_fields"]:
+            s = d["image_size"]
+            out["image"] = torch.randint(0, 256, (b, d["image_fields"], d["image_channels"], s, s),
+                                         generator=g, dtype=torch.uint8)
+            out["mask_image"] = torch.full((b,), "image" not in missing)
+        out["label"] = torch.randint(0, 2, (b,), generator=g).float()
+        out["weight"] = torch.ones(b)
+        return {k: v.to(device) for k, v in out.items()}
+
+
+__all__ = ["MODALITIES", "AdPredictorNN"]
