@@ -177,7 +177,11 @@ class GeospatialCalibrator(Calibrator):
         return next((k for k in SEASON_KEYS if k in regions), None) if self.seasonal else None
 
     # --- fit ----------------------------------------------------------------------------------
-    def fit(self, X: Any, y: Any, regions: dict | None = None, weight: Any = None) -> GeospatialCalibrator:
+    def fit(
+        self, X: Any, y: Any, regions: dict | None = None, weight: Any = None, groups: dict | None = None
+    ) -> GeospatialCalibrator:
+        # `groups=` is the shared calibrator keyword; `regions` the name this class documents
+        regions = regions if regions is not None else groups
         s = check_scores(X, "X")
         n = s.shape[0]
         clicks, imps = check_labels(y, n, weight)
@@ -292,7 +296,8 @@ class GeospatialCalibrator(Calibrator):
             todo = todo[~hit]
         return out, ridx
 
-    def transform_logit(self, X: Any, regions: dict | None = None) -> np.ndarray:
+    def transform_logit(self, X: Any, regions: dict | None = None, groups: dict | None = None) -> np.ndarray:
+        regions = regions if regions is not None else groups
         self._require_fitted()
         s = check_scores(X, "X")
         n = s.shape[0]

@@ -96,20 +96,35 @@ def calibration_ratio(p: Any, y: Any, weight: Any = None) -> float:
     return float((w * p).sum() / clicks) if clicks > 0 else float("inf")
 
 
-def field_rce(p: Any, y: Any, groups_1d: Any, weight: Any = None, eps: float = 1e-6) -> float:
+# field values with fewer clicks are pooled in reports, so the ratio stays readable
+REPORT_MIN_CLICKS = 10
+
+
+def field_rce(
+    p: Any, y: Any, groups_1d: Any, weight: Any = None, eps: float = 1e-6, min_clicks: float = 0.0
+) -> float:
     """Field-level relative calibration error (Pan et al., WWW 2020, "Field-aware Calibration", Eq. 4).
 
     Field-RCE = (1/N) sum_z N_z |sum_{i in z} (y_i - p_i)| / sum_{i in z} (y_i + eps),
     with N_z the impressions of field value z and N = sum_z N_z (eps per impression, as in the paper).
+
+    The ratio explodes for values with (almost) no clicks. With `min_clicks` > 0, values with fewer
+    clicks are pooled into one "rare" value first (binary_report uses 10), so sparse ids such as
+    ad groups give a readable number; min_clicks=0 is the paper's definition.
     """
     p, y, w = _prep(p, y, weight)
     g = np.asarray(groups_1d)
     if g.shape != p.shape:
         raise ValueError(f"groups_1d: expected length {p.shape[0]}, got {g.shape}")
     _, idx = np.unique(g, return_inverse=True)
+    if min_clicks > 0:
+        rare = np.bincount(idx, y)[idx] < min_clicks
+        idx = np.where(rare, idx.max() + 1, idx)
     n_z = np.bincount(idx, w)
     y_z = np.bincount(idx, y)
     p_z = np.bincount(idx, w * p)
+    keep = n_z > 0
+    n_z, y_z, p_z = n_z[keep], y_z[keep], p_z[keep]
     rce = n_z * np.abs(y_z - p_z) / (y_z + eps * n_z)
     return float(rce.sum() / n_z.sum())
 
@@ -163,7 +178,7 @@ def binary_report(
         "calib_ratio": calibration_ratio(p, y, weight),
     }
     for level, keys in (groups or {}).items():
-        out[f"field_rce/{level}"] = field_rce(p, y, keys, weight)
+        out[f"field_rce/{level}"] = field_rce(p, y, keys, weight, min_clicks=REPORT_MIN_CLICKS)
     if truth is not None:
         out["ece_true"] = ece_true(p, truth, n_bins=n_bins)
         out["oracle_auc"] = auc(np.asarray(truth, dtype=np.float64), y, weight)

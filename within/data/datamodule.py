@@ -26,6 +26,9 @@ class AdTensorDataset(Dataset):
         arrays = dict(arrays)
         self._image_table = torch.as_tensor(arrays.pop("image_table")) if "image_table" in arrays else None
         self._image_index = torch.as_tensor(arrays.pop("image_index")) if "image_index" in arrays else None
+        # sentence embeddings: one row per distinct (text fields) tuple, gathered per batch
+        self._text_table = torch.as_tensor(arrays.pop("text_emb_table")) if "text_emb_table" in arrays else None
+        self._text_index = torch.as_tensor(arrays.pop("text_emb_index")) if "text_emb_index" in arrays else None
         self.tensors = {k: torch.as_tensor(v) for k, v in arrays.items()}
         self.n = len(next(iter(self.tensors.values())))
 
@@ -37,6 +40,8 @@ class AdTensorDataset(Dataset):
         batch = {k: v[idx] for k, v in self.tensors.items()}
         if self._image_table is not None:
             batch["image"] = self._image_table[self._image_index[idx]]
+        if self._text_table is not None:
+            batch["text_emb"] = self._text_table[self._text_index[idx]]
         return batch
 
     def full(self) -> dict[str, torch.Tensor]:
@@ -133,6 +138,7 @@ class AdDataModule(L.LightningDataModule):
         seed: int = 0,
         processor: FeatureProcessor | None = None,
         poisson_sampling: bool = False,
+        text_model: Mapping[str, Any] | str | None = None,
     ) -> None:
         super().__init__()
         if features is None and processor is None:
@@ -153,6 +159,7 @@ class AdDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.num_workers, self.seed = int(num_workers), int(seed)
         self.processor = processor
+        self.text_model = text_model  # None / "hashing": the hashing tokenizer; else a sentence encoder
         self.frames: dict[str, pd.DataFrame] = {}
         self.datasets: dict[str, AdTensorDataset] = {}
         self.train_sampler: Sampler | None = None
@@ -174,7 +181,8 @@ class AdDataModule(L.LightningDataModule):
             df, self.spec, self.split_method, self.val_frac, self.test_frac, self.seed, self.calib_frac
         )
         if self.processor is None:
-            self.processor = FeatureProcessor(self.spec).fit(self.frames["train"])  # train only: no leakage
+            # train only: no leakage
+            self.processor = FeatureProcessor(self.spec, text_model=self.text_model).fit(self.frames["train"])
         for name, frame in self.frames.items():
             if len(frame):
                 self.datasets[name] = AdTensorDataset(
@@ -197,8 +205,11 @@ class AdDataModule(L.LightningDataModule):
         )
 
         n = len(self.datasets["train"])
-        generator = torch.Generator().manual_seed(self.seed)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = torch.distributed.get_rank() if distributed else 0
+        # one stream per rank: shared seeds would make rows of different ranks join batches together
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + rank)
+        if distributed:
             # q is per rank: the global expected batch stays batch_size (Opacus DPDDP convention)
             return DistributedUniformWithReplacementSampler(
                 total_size=n, sample_rate=self.sample_rate, generator=generator

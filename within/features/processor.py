@@ -4,6 +4,8 @@
   standardised with train mean/std;
 - categorical / group: train vocabulary (min_count, max_vocab); index 0 = padding, 1 = OOV;
 - text: a stateless hashing tokenizer (murmurhash3, seed 0), tokenised once per unique string;
+  or, with `text_model` (e.g. {"name": "minilm"}), frozen sentence embeddings `text_emb`
+  [N, n_text, dim] from within.features.text_models (computed once per string, cached on disk);
 - image: uint8 (C, S, S) arrays, deduplicated by object so rows of one ad share one copy.
 """
 from __future__ import annotations
@@ -53,8 +55,9 @@ def _numeric_transform(x: np.ndarray, how: str) -> np.ndarray:
 
 
 class FeatureProcessor:
-    def __init__(self, spec: FeatureSpec) -> None:
+    def __init__(self, spec: FeatureSpec, text_model: str | dict[str, Any] | None = None) -> None:
         self.spec = spec
+        self.text_model = _text_model_config(text_model)
         self.num_stats: dict[str, dict[str, float]] = {}
         self.vocabs: dict[str, list[str]] = {}
         self._index: dict[str, dict[str, int]] = {}
@@ -108,6 +111,7 @@ class FeatureProcessor:
             "cat_embedding_dims": [f.embedding_dim for f in self.spec.categorical],
             "text_fields": len(text),
             "text_buckets": max((f.n_buckets for f in text), default=0),
+            **({"text_embedding_dim": self.text_embedder.dim} if self.text_model and text else {}),
             "image_fields": len(image),
             "image_channels": image[0].channels if image else 0,
             "image_size": image[0].size if image else 0,
@@ -146,7 +150,7 @@ class FeatureProcessor:
             out["groups"] = np.stack([self._encode(f, df, n) for f in self.spec.groups], axis=1)
         out["mask_tabular"] = np.ones(n, dtype=bool)
         if self.spec.text:
-            out.update(self._encode_text(df, n))
+            out.update(self._embed_text(df, n, dedupe_images) if self.text_model else self._encode_text(df, n))
         if self.spec.image:
             out.update(self._encode_images(df, n, dedupe_images))
         if with_label:
@@ -184,6 +188,37 @@ class FeatureProcessor:
             present |= ok
         return {"text": ids, "mask_text": present}
 
+    @property
+    def text_embedder(self) -> Any:
+        from within.features.text_models import get_embedder
+
+        cfg = dict(self.text_model or {})
+        return get_embedder(cfg.pop("name"), **cfg)
+
+    def _embed_text(self, df: pd.DataFrame, n: int, dedupe: bool) -> dict[str, np.ndarray]:
+        """Sentence embeddings per text field; a missing field is the zero vector (and mask_text False)."""
+        fields, emb = self.spec.text, self.text_embedder
+        codes = np.full((n, len(fields)), -1, dtype=np.int64)
+        strings: dict[str, int] = {}
+        present = np.zeros(n, dtype=bool)
+        for k, f in enumerate(fields):
+            if f.name not in df:
+                continue
+            col = df[f.name]
+            ok = col.map(lambda v: isinstance(v, str) and v.strip() != "").to_numpy(dtype=bool)
+            c, uniques = pd.factorize(col.where(ok, None))
+            lut = np.array([strings.setdefault(u, len(strings)) for u in uniques], dtype=np.int64)
+            codes[c >= 0, k] = lut[c[c >= 0]]
+            present |= ok
+        vectors = np.concatenate([np.zeros((1, emb.dim), np.float32), emb.encode(list(strings))])
+        # Rows share strings (one ad, many impressions): keep a table of distinct field tuples.
+        uniq, inverse = np.unique(codes, axis=0, return_inverse=True)
+        table = vectors[uniq + 1]  # code -1 (missing) -> the zero row
+        inverse = inverse.reshape(-1).astype(np.int64)
+        if dedupe:
+            return {"text_emb_table": table, "text_emb_index": inverse, "mask_text": present}
+        return {"text_emb": table[inverse], "mask_text": present}
+
     def _encode_images(self, df: pd.DataFrame, n: int, dedupe: bool) -> dict[str, np.ndarray]:
         fields = self.spec.image
         c, s = fields[0].channels, fields[0].size
@@ -214,11 +249,14 @@ class FeatureProcessor:
 
     # ---- persistence --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"spec": self.spec.to_dict(), "num_stats": self.num_stats, "vocabs": self.vocabs}
+        d = {"spec": self.spec.to_dict(), "num_stats": self.num_stats, "vocabs": self.vocabs}
+        if self.text_model:  # hashing bundles keep their old shape
+            d["text_model"] = dict(self.text_model)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FeatureProcessor":
-        proc = cls(FeatureSpec.from_dict(d["spec"]))
+        proc = cls(FeatureSpec.from_dict(d["spec"]), text_model=d.get("text_model"))
         proc.num_stats = {k: dict(v) for k, v in d["num_stats"].items()}
         proc.vocabs = {k: list(v) for k, v in d["vocabs"].items()}
         proc._build_index()
@@ -230,6 +268,26 @@ class FeatureProcessor:
     @classmethod
     def load(cls, path: str | Path) -> "FeatureProcessor":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _text_model_config(text_model: str | dict[str, Any] | None) -> dict[str, Any] | None:
+    """None for the hashing tokenizer, else {"name": ..., embedder options}."""
+    if text_model is None:
+        return None
+    if hasattr(text_model, "_metadata"):  # an omegaconf node
+        from omegaconf import OmegaConf
+
+        text_model = OmegaConf.to_container(text_model, resolve=True)
+    cfg = {"name": text_model} if isinstance(text_model, str) else dict(text_model)
+    if "name" not in cfg:
+        raise FeatureError(f"text_model: needs a 'name' (hashing, minilm or a local model folder), got {cfg}")
+    if cfg["name"] == "hashing":
+        return None
+    allowed = {"name", "cache_dir", "batch_size", "max_length", "device"}
+    unknown = sorted(set(cfg) - allowed)
+    if unknown:
+        raise FeatureError(f"text_model: unknown options {unknown}; allowed: {sorted(allowed)}")
+    return cfg
 
 
 def _to_uint8_image(v: Any, f: FieldSpec, row: Any) -> np.ndarray:

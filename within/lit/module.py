@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn

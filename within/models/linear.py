@@ -34,7 +34,8 @@ class HashingFeaturizer:
     missing -> "c=__missing__"). Numeric column c -> (t(x) - mean_c) / std_c at hash("c"),
     with t = identity or signed log1p, and mean/std learned by `fit`; a missing numeric becomes
     0 (the mean) plus a one at hash("c=__missing__"). Collisions inside a row add up, as in
-    FeatureHasher. Hashing runs once per distinct value, not per row.
+    FeatureHasher. Text column c -> a bag of words, 1/len(words) at each hash("c:word").
+    Hashing runs once per distinct value, not per row.
     """
 
     def __init__(
@@ -43,19 +44,22 @@ class HashingFeaturizer:
         numeric: Sequence[str] = (),
         n_features: int = 2**18,
         numeric_transform: str = "signed_log1p",
+        text: Sequence[str] = (),
     ) -> None:
-        categorical, numeric = list(categorical), list(numeric)
-        if not categorical and not numeric:
-            raise ValueError("HashingFeaturizer needs at least one column in categorical= or numeric=")
-        overlap = set(categorical) & set(numeric)
+        categorical, numeric, text = list(categorical), list(numeric), list(text)
+        if not categorical and not numeric and not text:
+            raise ValueError("HashingFeaturizer needs at least one column in categorical=, numeric= or text=")
+        kinds = categorical + numeric + text
+        overlap = {c for c in kinds if kinds.count(c) > 1}
         if overlap:
-            raise ValueError(f"columns {sorted(overlap)} are listed as both categorical and numeric; pick one")
+            raise ValueError(f"columns {sorted(overlap)} are listed under more than one of categorical/numeric/text; pick one")
         if not isinstance(n_features, int) or n_features < 2:
             raise ValueError(f"n_features must be an int >= 2, got {n_features!r}")
         if numeric_transform not in NUMERIC_TRANSFORMS:
             raise ValueError(f"numeric_transform={numeric_transform!r}; choose one of {NUMERIC_TRANSFORMS}")
         self.categorical = categorical
         self.numeric = numeric
+        self.text = text
         self.n_features = n_features
         self.numeric_transform = numeric_transform
         self.mean: dict[str, float] | None = None
@@ -83,7 +87,7 @@ class HashingFeaturizer:
     def _check_columns(self, df: pd.DataFrame) -> None:
         if not isinstance(df, pd.DataFrame):
             raise TypeError(f"HashingFeaturizer takes a pandas DataFrame, got {type(df).__name__}")
-        missing = [c for c in self.categorical + self.numeric if c not in df.columns]
+        missing = [c for c in self.categorical + self.numeric + self.text if c not in df.columns]
         if missing:
             raise ValueError(f"DataFrame lacks columns {missing} that the featurizer was configured with")
 
@@ -112,6 +116,11 @@ class HashingFeaturizer:
             rows.append(all_rows)
             cols.append(table[codes])  # code -1 (missing) picks the last token
             vals.append(np.ones(n))
+        for col in self.text:
+            r, c, v = self._text(df[col], col)
+            rows.append(r)
+            cols.append(c)
+            vals.append(v)
         if self.numeric:
             num_idx = self._hash(self.numeric)
             miss_idx = self._hash([f"{c}=__missing__" for c in self.numeric])
@@ -132,6 +141,21 @@ class HashingFeaturizer:
         X.sum_duplicates()
         return X
 
+    def _text(self, column: pd.Series, col: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Bag of words: "col:word" tokens (lower-cased, whitespace split), each 1/len(words) so a
+        field's weights are averaged like the NN's mean-pooled text. Hashed once per distinct text."""
+        from sklearn.feature_extraction import FeatureHasher
+
+        codes, uniques = pd.factorize(column, use_na_sentinel=True)
+        docs = [[f"{col}:{w}" for w in str(t).lower().split()] for t in uniques]
+        hasher = FeatureHasher(n_features=self.n_features, input_type="string", alternate_sign=False)
+        U = hasher.transform(docs + [[]]).tocsr()  # last row: missing text -> no tokens
+        sizes = np.array([max(len(d), 1) for d in docs] + [1], dtype=np.float64)
+        U = sp.diags(1.0 / sizes) @ U
+        X = U.tocsr()[codes]
+        coo = X.tocoo()
+        return coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data
+
     def fit_transform(self, df: pd.DataFrame) -> sp.csr_matrix:
         return self.fit(df).transform(df)
 
@@ -141,13 +165,14 @@ class HashingFeaturizer:
             "numeric": self.numeric,
             "n_features": self.n_features,
             "numeric_transform": self.numeric_transform,
+            "text": self.text,
             "mean": self.mean,
             "std": self.std,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HashingFeaturizer:
-        f = cls(d["categorical"], d["numeric"], int(d["n_features"]), d["numeric_transform"])
+        f = cls(d["categorical"], d["numeric"], int(d["n_features"]), d["numeric_transform"], d.get("text", []))
         if d.get("mean") is not None:
             f.mean = {k: float(v) for k, v in d["mean"].items()}
             f.std = {k: float(v) for k, v in d["std"].items()}
@@ -241,6 +266,10 @@ class DynamicLinear(BaseMLModel):
         self.history_every = int(history_every)
         self.tracked_features = self._check_indices(tracked_features, "tracked_features")
         self.featurizer = featurizer
+        # optional: a fitted calibrator (within.calibration) applied to the logits by `predict`,
+        # fed the raw values of `calibration_columns` as its groups
+        self.calibrator: Any = None
+        self.calibration_columns: list[str] = []
         self.reset()
 
     # ---- state -------------------------------------------------------------------------------
@@ -414,8 +443,15 @@ class DynamicLinear(BaseMLModel):
         return np.asarray(X @ self._w, dtype=np.float64) + self._bias[2]
 
     def predict(self, X: Any) -> np.ndarray:
-        """Click probabilities for CSR rows, or for a DataFrame when a featurizer is attached."""
-        return expit(self.decision_function(X))
+        """Click probabilities for CSR rows, or for a DataFrame when a featurizer is attached;
+        calibrated when a calibrator is set (group-keyed calibrators need a DataFrame)."""
+        logits = self.decision_function(X)
+        if self.calibrator is None:
+            return expit(logits)
+        groups = None
+        if isinstance(X, pd.DataFrame) and self.calibration_columns:
+            groups = {c: X[c].to_numpy() for c in self.calibration_columns if c in X.columns} or None
+        return np.asarray(self.calibrator.transform(logits, groups=groups), dtype=np.float64)
 
     @property
     def intercept(self) -> float:
@@ -486,6 +522,8 @@ class DynamicLinear(BaseMLModel):
             n_updates=self.n_updates,
             rows_seen=self.rows_seen,
             featurizer=None if self.featurizer is None else self.featurizer.to_dict(),
+            calibrator=None if self.calibrator is None else self.calibrator.to_dict(),
+            calibration_columns=list(self.calibration_columns),
         )
         return arrays, config
 
@@ -496,6 +534,11 @@ class DynamicLinear(BaseMLModel):
             hyper = {k: config[k] for k in _HYPERPARAMETERS}
             model = cls(**hyper, featurizer=featurizer)
             n_updates, rows_seen = int(config["n_updates"]), int(config["rows_seen"])
+            if config.get("calibrator") is not None:
+                from within.calibration import calibrator_from_dict
+
+                model.calibrator = calibrator_from_dict(config["calibrator"])
+            model.calibration_columns = [str(c) for c in config.get("calibration_columns") or []]
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise BundleError(f"metadata.json config is not a valid DynamicLinear config ({err!r})") from err
         d = model.n_features

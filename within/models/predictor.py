@@ -23,12 +23,11 @@ from within.models.base import (
     read_arrays,
     read_metadata,
     register_model,
-    write_arrays,
 )
 
 SPEC_FILE = "spec.json"
 # model_type -> the train.py override that selects it
-FIT_MODEL_TYPES = {"nn": "model=nn"}
+FIT_MODEL_TYPES = {"nn": "model=nn", "ensemble": "model=ensemble"}
 CALIBRATION_FILE = "calibration.json"
 
 
@@ -124,13 +123,35 @@ class AdScorePredictor(BaseMLModel):
         cols = {c: df[c].to_numpy() for c in wanted if c in df.columns}
         return cols or None
 
-    def predict(self, X: Any) -> np.ndarray | float:
-        logits = self.predict_logits(X)
+    def logits_with_members(self, X: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits [N], per-member logits [N, M] or None); an ensemble returns its members' too."""
+        return self.predict_logits(X), None
+
+    def probabilities(self, logits: np.ndarray, X: Any) -> np.ndarray:
+        """Calibrated probabilities for logits of the rows of X (X supplies the calibrator's group columns)."""
         if self.calibrator is None:
-            p = 1.0 / (1.0 + np.exp(-logits))
-        else:
-            p = np.asarray(self.calibrator.transform(logits, groups=self.group_columns(X)), dtype=np.float64)
+            return 1.0 / (1.0 + np.exp(-logits))
+        return np.asarray(self.calibrator.transform(logits, groups=self.group_columns(X)), dtype=np.float64)
+
+    def predict(self, X: Any) -> np.ndarray | float:
+        p = self.probabilities(self.predict_logits(X), X)
         return float(p[0]) if isinstance(X, dict) else p
+
+    def predict_with_intervals(self, X: Any, alpha: float = 0.1) -> tuple[Any, Any, Any]:
+        """(score, lower, upper): `predict(X)` and a central 1 - alpha interval for the TRUE click
+        probability (ProbabilityIntervals fitted on the calib split), widened to contain the score."""
+        if self.intervals is None:
+            raise RuntimeError(
+                "predict_with_intervals: this model has no intervals; train with the post-fit step "
+                "`intervals` (postfit: [calibrate, intervals, ..., export])"
+            )
+        logits, members = self.logits_with_members(X)
+        p = self.probabilities(logits, X)
+        _, lo, hi = self.intervals.interval(logits, alpha, member_logits=members if self.intervals.uses_members_ else None)
+        lo, hi = np.minimum(lo, p), np.maximum(hi, p)
+        if isinstance(X, dict):
+            return float(p[0]), float(lo[0]), float(hi[0])
+        return p, lo, hi
 
     def fit(self, X: Any, y: Any = None, label: str = "clicked", output_dir: str | Path | None = None) -> "AdScorePredictor":
         """Train through the same pipeline as `train.py` on a DataFrame (features + label column, or y)."""
@@ -145,6 +166,14 @@ class AdScorePredictor(BaseMLModel):
             overrides=overrides + self.train_overrides,
             output_dir=output_dir,
         )
+        if type(fitted) is not AdScorePredictor:
+            # model_type="ensemble" yields a CalibratedEnsemble (a subclass): become it, keeping this
+            # object's constructor settings
+            keep = {k: getattr(self, k) for k in ("feature_config", "model_type", "calibration", "explainable",
+                                                  "train_overrides")}
+            self.__class__ = type(fitted)
+            self.__dict__.update({**fitted.__dict__, **keep})
+            return self
         for key in ("processor", "net", "net_class", "net_kwargs", "calibrator", "intervals", "feature_names", "metadata"):
             setattr(self, key, getattr(fitted, key))
         return self
@@ -182,6 +211,9 @@ class AdScorePredictor(BaseMLModel):
     def load(cls, path: str | Path) -> "AdScorePredictor":
         path = Path(path)
         meta = read_metadata(path)
+        sub = _subclass_for(meta["class"], cls)
+        if sub is not None:
+            return sub.load(path)  # e.g. a CalibratedEnsemble bundle, which holds member sub-bundles
         if meta["class"] != cls.__name__:
             raise BundleError(f"{path}: holds a {meta['class']}, not an {cls.__name__}")
         model = cls._from_state(read_arrays(path), meta.get("config", {}))
@@ -197,6 +229,15 @@ class AdScorePredictor(BaseMLModel):
         model.calibrator = calibrator_from_dict(calib["calibrator"]) if calib.get("calibrator") else None
         model.intervals = ProbabilityIntervals.from_dict(calib["intervals"]) if calib.get("intervals") else None
         return model
+
+
+def _subclass_for(name: str, cls: type) -> type | None:
+    """The registered strict subclass of `cls` called `name`, or None (never imports the name)."""
+    import within.models.ensemble  # noqa: F401  (registers CalibratedEnsemble)
+    from within.models.base import _REGISTRY
+
+    target = _REGISTRY.get(name)
+    return target if target is not None and target is not cls and issubclass(target, cls) else None
 
 
 def _read_json(path: Path) -> Any:

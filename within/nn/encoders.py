@@ -139,9 +139,30 @@ class HashedTextEncoder(nn.Module):
         return self.proj(bags.reshape(b, f * self.embedding_dim))
 
 
+class EmbeddingTextEncoder(nn.Module):
+    """Precomputed sentence embeddings float32 [B, n_fields, dim] -> [B, out_dim] (one Linear).
+
+    The sentence encoder runs frozen in the FeatureProcessor (cached), so training only fits
+    this projection: cheap, and Opacus-safe.
+    """
+
+    def __init__(self, n_fields: int, embedding_dim: int, out_dim: int = 32) -> None:
+        super().__init__()
+        if n_fields < 1 or embedding_dim < 1:
+            raise ValueError(f"n_fields and embedding_dim must be >= 1, got {n_fields} and {embedding_dim}")
+        self.n_fields, self.embedding_dim, self.out_dim = int(n_fields), int(embedding_dim), int(out_dim)
+        self.proj = nn.Linear(self.n_fields * self.embedding_dim, self.out_dim)
+
+    def forward(self, text_emb: torch.Tensor) -> torch.Tensor:
+        return self.proj(text_emb.reshape(text_emb.shape[0], -1).to(self.proj.weight.dtype))
+
+
 class SimpleCNNImageEncoder(nn.Module):
     """Small CNN for small images: 3 strided 3x3 convs, global mean pool, Linear.
 
+    With `pixel_stats` the pooled CNN features are joined by per-channel mean and std and the
+    luminance std (colour balance, brightness, contrast): classic creative features that a small
+    CNN learns only slowly from the few thousand distinct creatives a campaign log holds.
     No BatchNorm (it mixes samples, which DP-SGD forbids); pixels are scaled to [-0.5, 0.5].
     Input `image` uint8 [B, n_images, C, H, W]; one CNN is shared by all image fields, and a
     Linear over the concatenated per-image vectors gives [B, out_dim].
@@ -154,6 +175,7 @@ class SimpleCNNImageEncoder(nn.Module):
         out_dim: int = 32,
         widths: Sequence[int] = (16, 32, 32),
         dp_compatible: bool = False,
+        pixel_stats: bool = True,
     ) -> None:
         super().__init__()
         if n_images < 1 or channels < 1:
@@ -168,12 +190,19 @@ class SimpleCNNImageEncoder(nn.Module):
             layers += [nn.Conv2d(c_in, int(w), 3, stride=2, padding=1), nn.ReLU()]
             c_in = int(w)
         self.convs = nn.Sequential(*layers)
-        self.per_image = nn.Linear(c_in, self.out_dim)
+        self.pixel_stats = bool(pixel_stats)
+        n_stats = 2 * self.channels + 1 if self.pixel_stats else 0
+        self.per_image = nn.Linear(c_in + n_stats, self.out_dim)
         self.proj = nn.Linear(self.n_images * self.out_dim, self.out_dim) if self.n_images > 1 else nn.Identity()
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.convs[0].weight.dtype) / 255.0 - 0.5
-        return self.per_image(self.convs(x).mean(dim=(2, 3)))
+        feats = self.convs(x).mean(dim=(2, 3))
+        if self.pixel_stats:
+            lum = x.mean(dim=1).flatten(1)
+            stats = [x.mean(dim=(2, 3)), x.flatten(2).std(dim=2), lum.std(dim=1, keepdim=True)]
+            feats = torch.cat([feats, *stats], dim=1)
+        return self.per_image(feats)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         b, n = image.shape[:2]
@@ -282,6 +311,7 @@ def build_image_encoder(
 
 
 __all__ = [
+    "EmbeddingTextEncoder",
     "HashedTextEncoder",
     "SimpleCNNImageEncoder",
     "TabularEncoder",

@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from within.nn.attention import CrossModalAttention
-from within.nn.encoders import HashedTextEncoder, TabularEncoder, build_image_encoder
+from within.nn.encoders import EmbeddingTextEncoder, HashedTextEncoder, TabularEncoder, build_image_encoder
 
 MODALITIES = ("tabular", "text", "image")
 _INPUT_KEYS = (
     "n_num", "cat_cardinalities", "cat_embedding_dims", "text_fields", "text_buckets",
-    "image_fields", "image_channels", "image_size",
+    "image_fields", "image_channels", "image_size", "text_embedding_dim",
 )
 
 
@@ -52,7 +52,8 @@ def _normalise_input_dim(input_dim: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"input_dim has unknown keys {unknown}; known keys are {list(_INPUT_KEYS)}")
     d: dict[str, Any] = {}
-    for key in ("n_num", "text_fields", "text_buckets", "image_fields", "image_channels", "image_size"):
+    for key in ("n_num", "text_fields", "text_buckets", "image_fields", "image_channels", "image_size",
+                "text_embedding_dim"):
         v = input_dim.get(key, 0)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"input_dim[{key!r}] must be an int >= 0, got {v!r}")
@@ -68,7 +69,7 @@ def _normalise_input_dim(input_dim: Mapping[str, Any]) -> dict[str, Any]:
             "fields; give one per field (null = automatic)"
         )
     d["cat_embedding_dims"] = None if dims is None else [None if x is None else int(x) for x in dims]
-    if d["text_fields"] and d["text_buckets"] < 2:
+    if d["text_fields"] and not d["text_embedding_dim"] and d["text_buckets"] < 2:
         raise ValueError(f"input_dim['text_buckets'] must be >= 2 with text fields, got {d['text_buckets']}")
     if d["image_fields"] and (d["image_channels"] < 1 or d["image_size"] < 1):
         raise ValueError(
@@ -84,7 +85,9 @@ class AdPredictorNN(nn.Module):
     Args:
         input_dim: FeatureProcessor.input_dim, e.g. {"n_num": 7, "cat_cardinalities": [7, 5],
             "text_fields": 2, "text_buckets": 32768, "image_fields": 1, "image_channels": 3,
-            "image_size": 16}. Modalities with no fields are left out of the model.
+            "image_size": 16}. Modalities with no fields are left out of the model. With
+            "text_embedding_dim" > 0 the text input is `text_emb` float [B, text_fields, dim]
+            (frozen sentence embeddings) and the text encoder is a Linear projection.
         hidden_dims: tower widths.
         dropout_rate: dropout after each tower block.
         enable_quantum_noise: put a QuantumNoiseLayer (kwargs from `noise`) after the first block.
@@ -145,8 +148,13 @@ class AdPredictorNN(nn.Module):
             self.modalities.append("tabular")
             vec_dims["tabular"] = tabular_dim
             fused_dim += self.tabular.raw_dim
-        if d["text_fields"]:
+        # text_embedding_dim > 0: the processor sends sentence embeddings (`text_emb`), not token ids
+        self.text_key = "text_emb" if d["text_embedding_dim"] else "text"
+        if d["text_fields"] and d["text_embedding_dim"]:
+            self.text = EmbeddingTextEncoder(d["text_fields"], d["text_embedding_dim"], text_dim)
+        elif d["text_fields"]:
             self.text = HashedTextEncoder(d["text_fields"], d["text_buckets"], text_dim, dp_compatible=dp_compatible)
+        if d["text_fields"]:
             self.modalities.append("text")
             vec_dims["text"] = text_dim
         if d["image_fields"]:
@@ -249,7 +257,10 @@ class AdPredictorNN(nn.Module):
         if d["n_num"]:
             num = need("num", f"{d['n_num']} numeric columns")
             check("num", num, (torch.float32,), (None, d["n_num"]), "scaled numerics")
-        if "text" in self.modalities and "text" in X:
+        if "text" in self.modalities and self.text_key == "text_emb" and "text_emb" in X:
+            check("text_emb", X["text_emb"], (torch.float32, torch.float16, torch.bfloat16),
+                  (None, d["text_fields"], d["text_embedding_dim"]), "sentence embeddings per text field")
+        elif "text" in self.modalities and "text" in X:
             check("text", X["text"], ints, (None, d["text_fields"], None), "hashed token ids, 0 = pad")
             t = X["text"]
             if t.device.type == "cpu" and t.numel() and bool(((t < 0) | (t >= d["text_buckets"])).any()):
@@ -283,8 +294,8 @@ class AdPredictorNN(nn.Module):
                 vec, raw = self.tabular(X.get("cat"), X.get("num"))
                 if self.wide is not None:
                     wide = self.wide(X["cat"] + self.wide_offsets).sum(dim=(1, 2))
-            elif m in X:
-                vec = getattr(self, m)(X[m])
+            elif (key := self.text_key if m == "text" else m) in X:
+                vec = getattr(self, m)(X[key])
             else:
                 # Modality absent from the batch: every row is missing.
                 vec, mask = None, torch.zeros(b, dtype=torch.bool, device=device)
@@ -412,7 +423,10 @@ class AdPredictorNN(nn.Module):
             out["num"] = torch.randn(b, d["n_num"], generator=g)
         if cards or d["n_num"]:
             out["mask_tabular"] = torch.full((b,), "tabular" not in missing)
-        if d["text_fields"]:
+        if d["text_fields"] and d["text_embedding_dim"]:
+            out["text_emb"] = torch.randn(b, d["text_fields"], d["text_embedding_dim"], generator=g)
+            out["mask_text"] = torch.full((b,), "text" not in missing)
+        elif d["text_fields"]:
             text = torch.randint(1, d["text_buckets"], (b, d["text_fields"], text_len), generator=g)
             lengths = torch.randint(1, text_len + 1, (b, d["text_fields"], 1), generator=g)
             out["text"] = text * (torch.arange(text_len) < lengths)  # right-padded with 0

@@ -22,11 +22,12 @@ TRAIN_KEYS = {
     "privacy": dict, "callbacks": (dict, type(None)), "logger": (dict, type(None)), "trainer": dict,
     "paths": dict, "extras": dict, "experiment": (dict, type(None)), "hparams_search": (dict, type(None)),
     "debug": (dict, type(None)), "optimized_metric": (str, type(None)), "ensemble": dict,
-    "intervals": dict, "quantize": dict, "export": dict,
+    "intervals": dict, "quantize": dict, "export": dict, "text_model": dict,
 }
 EVALUATE_KEYS = {
     "task_name": str, "tags": list, "seed": int, "bundle": (str, type(None)), "ckpt_path": (str, type(None)),
     "split": str, "data": dict, "features": dict, "logger": (dict, type(None)), "paths": dict, "extras": dict,
+    "text_model": dict,
 }
 
 
@@ -34,7 +35,18 @@ class ConfigError(ValueError):
     """A config key or value that would fail (or silently misbehave) later; the message names the key."""
 
 
+def project_root() -> str:
+    """The checkout holding conf/ (editable install), else the working directory."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parents[2]
+    return str(here if (here / "conf").is_dir() else Path.cwd())
+
+
 def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("within.root"):
+        # Not ${hydra:runtime.cwd}: the sweeper resolves sweep dirs before any job has a runtime.
+        OmegaConf.register_new_resolver("within.root", project_root)
     if not OmegaConf.has_resolver("within.wandb_offline"):
         # W&B without an account: offline unless a key is configured.
         OmegaConf.register_new_resolver("within.wandb_offline", lambda: not os.environ.get("WANDB_API_KEY"))

@@ -18,8 +18,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from within.lit.history import MetricHistory
 from within.models.predictor import AdScorePredictor
 from within.pipeline.config import register_resolvers, validate_config
+from within.pipeline.linear import is_linear, run_linear
 from within.pipeline.report import plot_reliability, plot_training_curve, score_frame, write_markdown, write_metrics
-from within.postfit import PostfitContext, run_steps
+from within.postfit import PostfitContext, postfit_test_metrics, report_sections, run_steps
 
 log = logging.getLogger(__name__)
 WANDB_ID_FILE = "wandb_run_id.txt"
@@ -130,10 +131,12 @@ def run_train_job(cfg: DictConfig) -> float | None:
 def build_datamodule(cfg: DictConfig, source: Any = None) -> Any:
     """The configured datamodule; `source` (a DataFrame) replaces the configured data source."""
     features = OmegaConf.to_container(cfg.features, resolve=True)
+    # text_model group: the processor embeds text with it (hashing = the tokenizer, as before)
+    text_model = OmegaConf.to_container(cfg.text_model, resolve=True) if cfg.get("text_model") else None
     if source is None:
-        return instantiate(cfg.data, features=features, seed=cfg.seed)
+        return instantiate(cfg.data, features=features, seed=cfg.seed, text_model=text_model)
     node = OmegaConf.masked_copy(cfg.data, [k for k in cfg.data if k != "source"])
-    return instantiate(node, source=source, features=features, seed=cfg.seed)
+    return instantiate(node, source=source, features=features, seed=cfg.seed, text_model=text_model)
 
 
 def run_train(cfg: DictConfig, source: Any = None) -> float | None:
@@ -145,9 +148,13 @@ def run_train(cfg: DictConfig, source: Any = None) -> float | None:
     validate_config(cfg, "train")
     if cfg.extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore")
+    if is_linear(cfg.model):  # model=linear: FTRL over hashed features, no Lightning trainer
+        return run_linear(cfg, source)
     out_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
-    L.seed_everything(cfg.seed, workers=True)
+    ensemble = ensemble_settings(cfg)
+    # an ensemble member's run keeps the data seed (same rows and splits) and shifts the model seed
+    L.seed_everything(cfg.seed + int((cfg.get("ensemble") or {}).get("member", 0)), workers=True)
 
     datamodule = build_datamodule(cfg, source)
     datamodule.setup("fit")
@@ -178,11 +185,13 @@ def run_train(cfg: DictConfig, source: Any = None) -> float | None:
         predictor = AdScorePredictor(
             processor=datamodule.processor, net=module.net.cpu().eval(), net_class=net_class, net_kwargs=net_kwargs
         )
+        if ensemble is not None:
+            predictor = build_ensemble(cfg, ensemble, predictor, source, out_dir, datamodule.frames)
         ctx = PostfitContext(
             predictor=predictor,
             frames=datamodule.frames,
             out_dir=out_dir,
-            config=OmegaConf.to_container(cfg, resolve=True),
+            config=run_config(cfg),
             calibrator_factory=_calibrator_factory(cfg),
             metrics=metrics,
             metadata={"best_checkpoint": best},
@@ -203,6 +212,60 @@ def run_train(cfg: DictConfig, source: Any = None) -> float | None:
         _close_wandb(loggers)
     print(out_dir, flush=True)  # the last line: where everything is
     return objective
+
+
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved run config without Hydra's own node (its sweep keys only resolve inside a sweep)."""
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+
+
+def ensemble_settings(cfg: DictConfig) -> DictConfig | None:
+    """The `ensemble:` node of model=ensemble (None for one model, or inside a member's own run)."""
+    from within.pipeline.config import ConfigError
+
+    node = cfg.get("ensemble")
+    if not node or node.get("member"):
+        return None
+    size = int(node.get("size", 3))
+    if size < 0 or (size == 0 and not node.get("bundles")):
+        raise ConfigError(f"ensemble.size: {size}; train >= 1 members, or set 0 with ensemble.bundles=[path, ...]")
+    if size == 0 and cfg.get("train", True):
+        raise ConfigError("ensemble.size=0 assembles ensemble.bundles only; set train=false as well")
+    if size > 1 and privacy_enabled(cfg):
+        raise ConfigError(f"ensemble.size={size} with privacy=dp trains {size} models on the same rows, spending "
+                          "the privacy budget that many times; use ensemble.size=1 with ensemble.bundles, or privacy=none")
+    return node
+
+
+def build_ensemble(cfg: DictConfig, node: DictConfig, own: AdScorePredictor, source: Any, out_dir: Path,
+                   frames: dict[str, Any]) -> AdScorePredictor:
+    """model=ensemble: this run's model is member 0; members 1..size-1 are full runs under members/<k>/
+    (same data and splits, model seed + k); ensemble.bundles are added as saved."""
+    import copy
+
+    from within.models.ensemble import CalibratedEnsemble
+
+    members = [own] if int(node.size) >= 1 else []
+    for k in range(1, int(node.size)):
+        sub = copy.deepcopy(cfg)
+        with open_dict(sub):
+            sub.paths.output_dir = str(out_dir / "members" / str(k))
+            sub.ensemble = {"member": k}
+            sub.postfit, sub.test, sub.ckpt_path = ["export"], False, None
+            sub.export = {"onnx": False}
+            sub.extras.print_config = False
+        run_train(sub, source)
+        members.append(AdScorePredictor.load(out_dir / "members" / str(k) / "bundle"))
+    members += [AdScorePredictor.load(path) for path in node.get("bundles") or []]
+    factory = _calibrator_factory(cfg)
+    ensemble = CalibratedEnsemble(
+        members, calibration_method=factory().type_name if factory else "none",
+        aggregation_method=node.get("aggregation_method", "mean"), trim_fraction=float(node.get("trim_fraction", 0.2)),
+    )
+    if ensemble.aggregation_method == "weighted":
+        window = node.get("weight_window")
+        ensemble.update_weights(frames["val"], window=None if window is None else int(window))
+    return ensemble
 
 
 def _calibrator_factory(cfg: DictConfig) -> Any:
@@ -228,8 +291,9 @@ def _write_test_report(ctx: PostfitContext, history: MetricHistory, trainer: L.T
         curves["uncalibrated"] = 1.0 / (1.0 + np.exp(-ctx.predictor.predict_logits(test)))
     plot_reliability(curves, y, report / "reliability.png", truth=truth, weight=weight)
     plot_training_curve(history.rows, report / "training_curve.png")
+    ctx.metrics.update(postfit_test_metrics(ctx, test))  # interval coverage, uncalibrated Field-RCE
     write_metrics(ctx.metrics, report)
-    write_markdown(report, ctx.metrics)
+    write_markdown(report, ctx.metrics, extra=report_sections(ctx.metrics, alpha=ctx.settings("intervals").get("alpha", 0.1)))
     for lg in trainer.loggers:
         lg.log_metrics({k: v for k, v in metrics.items()}, step=trainer.global_step)
         lg.save()

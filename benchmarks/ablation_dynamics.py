@@ -1,0 +1,186 @@
+"""Training-dynamics ablation: does QuantumNoiseLayer noise, its annealing schedule, or
+AdaptiveDropout change val/test quality of AdPredictorNN on the default simulator?
+
+Each config is a full `run_train` (same composition as tests/conftest.py's compose_cfg) on the
+default simulator with a reduced size (`--n` rows, `--epochs` epochs, so the whole grid fits a
+small CPU budget), for each seed in `--seeds`. The seed moves the world, the rows and the model init
+together. Post-fit steps are skipped; val metrics are the best-checkpoint epoch's (min val/logloss,
+read from the CSV logger), test AUC is the raw model (no calibrator) on the test split.
+
+Results are appended to benchmarks/results/ablation_dynamics.json after every run, so a cut-short
+run still records exactly what finished. `--table` prints the README table from the JSON.
+
+    python benchmarks/ablation_dynamics.py                       # full grid, 3 seeds
+    python benchmarks/ablation_dynamics.py --configs off phase_cosine --seeds 7
+    python benchmarks/ablation_dynamics.py --table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "ablation_dynamics.json"
+ADAPTIVE = "model.net.adaptive_dropout={p:0.1,momentum:0.9,window_size:5,adaptive_range:[0.0,0.5]}"
+# total_steps=null: anneal over this run's optimizer steps (NoiseAnnealing reads them from the
+# trainer); QuantumNoiseLayer's default of 1000 steps would leave a short run near full noise
+NOISE = ["model.net.enable_quantum_noise=true", "+model.net.noise.total_steps=null"]
+CONFIGS: dict[str, list[str]] = {
+    "off": ["model.net.enable_quantum_noise=false"],
+    "gaussian_cosine": [*NOISE, "model.net.noise.noise_type=gaussian", "model.net.noise.annealing_schedule=cosine"],
+    **{f"phase_{s}": [*NOISE, "model.net.noise.noise_type=phase", f"model.net.noise.annealing_schedule={s}"]
+       for s in ("cosine", "constant", "linear", "exponential")},
+    "adaptive_dropout": ["model.net.enable_quantum_noise=false", ADAPTIVE],
+}
+BASELINE = "off"
+
+
+def compose(overrides: list[str], out_dir: Path):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    import within.pipeline  # noqa: F401  (registers resolvers)
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.output_dir = str(out_dir)
+        cfg.paths.log_dir = str(out_dir)
+    return cfg
+
+
+def best_val(run_dir: Path) -> dict[str, float]:
+    """val/logloss and val/auc of the epoch with the lowest val/logloss (the checkpoint kept)."""
+    import pandas as pd
+
+    rows = pd.read_csv(run_dir / "csv" / "metrics.csv")
+    val = rows.dropna(subset=["val/logloss"])
+    best = val.loc[val["val/logloss"].idxmin()]
+    return {"val/logloss": float(best["val/logloss"]), "val/auc": float(best["val/auc"]),
+            "best_epoch": int(best["epoch"])}
+
+
+def run_one(name: str, seed: int, n: int, epochs: int, batch_size: int) -> dict:
+    from within.pipeline.train import run_train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        cfg = compose([f"seed={seed}", f"data.source.n={n}", f"trainer.max_epochs={epochs}", f"data.batch_size={batch_size}", "trainer=cpu",
+                       "extras.print_config=false", "postfit=[]", "calibrator=none", "logger=csv",
+                       "callbacks.rich_progress_bar=null", "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+                       *CONFIGS[name]], out)
+        t0 = time.perf_counter()
+        run_train(cfg)
+        seconds = time.perf_counter() - t0
+        metrics = json.loads((out / "report" / "metrics.json").read_text())
+        row = {"config": name, "seed": seed, **best_val(out), "test/auc": metrics["test/auc"],
+               "test/logloss": metrics["test/logloss"], "seconds": round(seconds, 1)}
+    return row
+
+
+def summarise(runs: list[dict]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for name in CONFIGS:
+        rows = [r for r in runs if r["config"] == name]
+        if not rows:
+            continue
+        summ: dict = {"n_seeds": len(rows), "seeds": [r["seed"] for r in rows]}
+        for key in ("val/logloss", "val/auc", "test/auc", "test/logloss"):
+            v = np.array([r[key] for r in rows])
+            summ[key] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else None}
+        out[name] = summ
+    base = {r["seed"]: r for r in runs if r["config"] == BASELINE}
+    for name, summ in out.items():
+        if name == BASELINE:
+            continue
+        # paired by seed: each seed is its own world, so compare within a seed
+        for key, better in (("val/logloss", -1), ("val/auc", 1), ("test/auc", 1)):
+            d = np.array([r[key] - base[r["seed"]][key] for r in runs if r["config"] == name and r["seed"] in base])
+            if len(d) < 2:
+                continue
+            sd = float(d.std(ddof=1))
+            gain = better * d.mean() > 2 * sd / math.sqrt(len(d)) if sd > 0 else False
+            loss = -better * d.mean() > 2 * sd / math.sqrt(len(d)) if sd > 0 else False
+            summ.setdefault("vs_off", {})[key] = {"mean_diff": float(d.mean()), "sd_diff": sd,
+                                                  "verdict": "gain" if gain else ("worse" if loss else "no clear difference")}
+    return out
+
+
+def table(result: dict) -> str:
+    def fmt(s: dict, nd: int) -> str:
+        return f"{s['mean']:.{nd}f} ± {s['sd']:.{nd}f}" if s["sd"] is not None else f"{s['mean']:.{nd}f}"
+
+    lines = ["| config | seeds | val logloss | val AUC | test AUC | vs off (val logloss / val AUC / test AUC) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, s in result["summary"].items():
+        vs = s.get("vs_off")
+        verdicts = " / ".join(f"{vs[k]['mean_diff']:+.4f} ({vs[k]['verdict']})" for k in ("val/logloss", "val/auc", "test/auc")
+                              if k in vs) if vs else "-"
+        lines.append(f"| `{name}` | {s['n_seeds']} | {fmt(s['val/logloss'], 4)} | {fmt(s['val/auc'], 4)} | "
+                     f"{fmt(s['test/auc'], 4)} | {verdicts} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=150_000)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[7, 8, 9])
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--resume", action="store_true", help="keep finished runs of a JSON with the same settings")
+    ap.add_argument("--table", action="store_true", help="print the README table from the JSON and exit")
+    args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(OUT.read_text())))
+        return
+    import torch
+
+    torch.set_num_threads(2)
+    result = {
+        "description": "AdPredictorNN on the default simulator, reduced size; val metrics at the best "
+                       "(min val/logloss) epoch, test AUC of the raw model; vs_off compares with config "
+                       "'off' paired by seed, 'gain' only when |mean diff| > 2 * sd_diff / sqrt(seeds)",
+        "settings": {"data.source.n": args.n, "trainer.max_epochs": args.epochs,
+                     "data.batch_size": args.batch_size, "seeds": args.seeds,
+                     "configs": {k: CONFIGS[k] for k in args.configs}, "trainer": "cpu", "postfit": [],
+                     "calibrator": "none"},
+        "machine": {"platform": platform.platform(), "python": sys.version.split()[0]},
+        "complete": False,
+        "runs": [],
+    }
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    if args.resume and OUT.is_file():
+        old = json.loads(OUT.read_text())
+        if old["settings"] == result["settings"]:
+            result["runs"] = old["runs"]
+    done = {(r["config"], r["seed"]) for r in result["runs"]}
+    for seed in args.seeds:  # seed-major: a cut-short run still has paired configs per seed
+        for name in args.configs:
+            if (name, seed) in done:
+                continue
+            result["runs"].append(run_one(name, seed, args.n, args.epochs, args.batch_size))
+            result["summary"] = summarise(result["runs"])
+            OUT.write_text(json.dumps(result, indent=2))
+            print(json.dumps(result["runs"][-1]), flush=True)
+    result["complete"] = True
+    OUT.write_text(json.dumps(result, indent=2))
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Post-fit steps end to end: calibrate -> intervals -> ensemble -> quantize -> export through run_train,
+the ONNX graph against torch, the int8 file, and the bundle round trip of intervals and members."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import FAST, compose_cfg
+from within.data.simulator import simulate
+from within.models.ensemble import CalibratedEnsemble
+from within.models.predictor import AdScorePredictor
+from within.pipeline.train import run_train
+
+ALL_STEPS = "postfit=[calibrate,intervals,ensemble,quantize,export]"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("postfit")
+    run_train(compose_cfg("train", FAST + [ALL_STEPS, "model=ensemble", "ensemble.size=2",
+                                             "quantize.repeats=2", "export.check_rows=64"], out_dir=out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fresh() -> object:
+    return simulate(n=300, seed=123)
+
+
+def test_full_postfit_run_writes_every_artifact(run):
+    for rel in ("bundle/model.safetensors", "bundle/calibration.json", "bundle/members/0/model.safetensors",
+                "bundle/members/1/spec.json", "export/model.onnx", "export/onnx.json", "export/quantize.json",
+                "export/model_int8.safetensors", "report/ensemble.json", "report/reliability.png",
+                "report/postfit.json", "members/1/bundle/model.safetensors"):
+        assert (run / rel).is_file(), rel
+    metrics = json.loads((run / "report" / "metrics.json").read_text())
+    for key in ("test/interval_coverage_true", "test/interval_width", "quantize/auc_delta", "quantize/logloss_delta",
+                "quantize/speedup_b1024", "export/onnx_max_abs_diff", "ensemble/auc", "ensemble/best_member_auc",
+                "test/field_rce_uncalibrated/state"):
+        assert key in metrics and np.isfinite(metrics[key]), key
+    assert 0.0 <= metrics["test/interval_coverage_true"] <= 1.0 and metrics["test/interval_width"] > 0
+    assert metrics["export/onnx_max_abs_diff"] < 1e-4
+    report = (run / "report" / "report.md").read_text()
+    assert "Field-level relative calibration error" in report and "Prediction intervals" in report
+    assert json.loads((run / "report" / "postfit.json").read_text())["intervals"]["uses_members"] is True
+
+
+def test_onnx_graph_matches_the_bundle_predictions(run, fresh):
+    import onnxruntime as ort
+
+    predictor = AdScorePredictor.load(run / "bundle")
+    info = json.loads((run / "export" / "onnx.json").read_text())
+    assert info["output"] == "probability"  # temperature scaling is folded into the graph
+    session = ort.InferenceSession(str(run / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    arrays = predictor.processor.transform(fresh.iloc[:7])  # a batch size the export never saw
+    out = session.run(None, {i.name: arrays[i.name] for i in session.get_inputs()})[0]
+    np.testing.assert_allclose(out, predictor.predict(fresh.iloc[:7]), atol=1e-4)
+
+
+def test_bundle_round_trip_keeps_members_and_intervals(run, fresh):
+    predictor = AdScorePredictor.load(run / "bundle")
+    assert isinstance(predictor, CalibratedEnsemble) and len(predictor.base_models) == 2
+    assert predictor.intervals is not None and predictor.intervals.uses_members_
+    p, lo, hi = predictor.predict_with_intervals(fresh)
+    np.testing.assert_array_equal(p, predictor.predict(fresh))
+    again = AdScorePredictor.load(run / "bundle").predict_with_intervals(fresh)
+    for a, b in zip((p, lo, hi), again):
+        np.testing.assert_array_equal(a, b)
+    assert np.all((lo <= p) & (p <= hi)) and np.all(hi - lo > 0)
+    one = predictor.predict_with_intervals(fresh.drop(columns=["clicked", "true_ctr"]).iloc[0].to_dict())
+    assert all(isinstance(v, float) for v in one) and one[0] == pytest.approx(p[0], abs=1e-7)
+
+
+def test_int8_file_rebuilds_the_quantized_model(run, fresh):
+    from within.postfit.quantize import load_int8
+
+    fp32 = AdScorePredictor.load(run / "bundle")
+    int8 = load_int8(run / "bundle")
+    assert int8.base_models[0].net is not fp32.base_models[0].net
+    p32, p8 = fp32.predict(fresh), int8.predict(fresh)
+    assert np.all(np.isfinite(p8)) and np.max(np.abs(p8 - p32)) < 0.05
+    assert "quantized" in type(int8.base_models[0].net.tower[0]).__module__
+
+
+@settings(max_examples=12, deadline=None)
+@given(a=st.floats(0.01, 0.98), b=st.floats(0.01, 0.98))
+def test_intervals_widen_as_alpha_falls(run, fresh, a, b):
+    predictor = _loaded(run)
+    small, large = sorted((a, b))
+    _, lo_s, hi_s = predictor.predict_with_intervals(fresh.iloc[:50], alpha=small)
+    _, lo_l, hi_l = predictor.predict_with_intervals(fresh.iloc[:50], alpha=large)
+    assert np.all(lo_s <= lo_l + 1e-12) and np.all(hi_s >= hi_l - 1e-12)
+
+
+_CACHE: dict[Path, AdScorePredictor] = {}
+
+
+def _loaded(run: Path) -> AdScorePredictor:
+    if run not in _CACHE:
+        _CACHE[run] = AdScorePredictor.load(run / "bundle")
+    return _CACHE[run]
+
+
+def test_model_without_intervals_says_which_step_fits_them(run, fresh):
+    member = AdScorePredictor.load(run / "bundle" / "members" / "0")
+    with pytest.raises(RuntimeError, match="post-fit step `intervals`"):
+        member.predict_with_intervals(fresh)
+
+
+def test_unknown_postfit_step_names_the_choices(tmp_path):
+    from within.postfit import PostfitContext, run_steps
+
+    ctx = PostfitContext(predictor=None, frames={}, out_dir=tmp_path, config={})
+    with pytest.raises(ValueError, match=r"unknown step\(s\) \['calibrat'\]; available: .*'intervals'"):
+        run_steps(["calibrat"], ctx, lambda c: None)

@@ -1,0 +1,414 @@
+"""privacy=dp: Opacus wiring, DPTrainingValidator refusals, accounting, resume, audits."""
+from __future__ import annotations
+
+import functools
+import math
+import subprocess
+import sys
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+from opacus.accountants import PRVAccountant, RDPAccountant
+from torch import nn
+
+from within.data.datamodule import AdDataModule
+from within.lit.dp import DPAdScoreModule, check_trainer, configure_privacy
+from within.lit.module import AdScoreModule
+from within.nn.predictor import AdPredictorNN
+from within.privacy.audit import draw_canaries, epsilon_lower_bound, membership_auc, one_run_lower_bound
+from within.privacy.engine import (
+    PrivacyConfigError,
+    epsilon_of,
+    make_private,
+    noise_for_target,
+    resolve_grad_sample_mode,
+    zero_per_sample_grads,
+)
+from within.privacy.validator import DPTrainingValidator
+
+from .conftest import CONF, FAST, ROOT, compose_cfg
+
+SPEC = {"label": "clicked", "weight": None, "time": None, "truth": None,
+        "fields": [{"name": "x1", "type": "numeric"}, {"name": "x2", "type": "numeric"},
+                   {"name": "c", "type": "categorical"}]}
+
+
+def frame(n: int = 2000, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame({"x1": rng.normal(size=n), "x2": rng.normal(size=n), "c": rng.choice(list("abcde"), n)})
+    logit = 2.0 * df.x1 - 1.5 * df.x2 + (df.c == "a") * 1.0 - 0.5
+    df["clicked"] = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
+    return df
+
+
+def datamodule(n: int = 2000, batch_size: int = 200) -> AdDataModule:
+    dm = AdDataModule(frame(n), features=SPEC, split={"method": "random", "val_frac": 0.1, "test_frac": 0.2},
+                      batch_size=batch_size, seed=0)
+    dm.setup("fit")
+    return dm
+
+
+def base_cfg(tmp_path, **privacy) -> OmegaConf:
+    p = OmegaConf.to_container(OmegaConf.load(CONF / "privacy" / "dp.yaml"))
+    p["audit"].update(canaries=200, mia_samples=400, bootstrap=50)
+    p.update(privacy)
+    return OmegaConf.create({
+        "seed": 0, "privacy": p, "paths": {"output_dir": str(tmp_path)},
+        "trainer": {"max_epochs": 2, "accumulate_grad_batches": 1, "gradient_clip_val": None,
+                    "precision": "32-true", "strategy": "auto", "devices": 1},
+    })
+
+
+def plain_module(dm: AdDataModule, lr: float = 0.02) -> AdScoreModule:
+    net = AdPredictorNN(dm.processor.input_dim, hidden_dims=[16], dp_compatible=True, use_cross_modal=False)
+    return AdScoreModule(net, functools.partial(torch.optim.Adam, lr=lr))
+
+
+def fit_dp(tmp_path, max_epochs: int = 2, ckpt_path=None, dm=None, **privacy):
+    L.seed_everything(0)
+    dm = dm or datamodule()
+    cfg = base_cfg(tmp_path, **privacy)
+    cfg.trainer.max_epochs = max_epochs
+    module, callbacks = configure_privacy(cfg, plain_module(dm), dm)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
+    trainer = L.Trainer(max_epochs=max_epochs, logger=False, callbacks=[*callbacks, ckpt], enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return module, trainer, callbacks[0], dm
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    """One short DP run (ghost clipping, target epsilon 3) shared by several tests."""
+    tmp = tmp_path_factory.mktemp("dp")
+    module, trainer, validator, dm = fit_dp(tmp, max_epochs=2, target_epsilon=3.0)
+    report = validator.generate_privacy_report(tmp / "report")
+    return module, trainer, validator, report, tmp
+
+
+# ---- a DP run really clips, noises and accounts -----------------------------------------------------
+def test_dp_run_reports_epsilon_within_target_recomputable(dp_run):
+    _, trainer, _, report, tmp = dp_run
+    assert (tmp / "report" / "privacy.json").is_file() and (tmp / "report" / "privacy.md").is_file()
+    assert 0 < report["epsilon"] <= 3.0
+    assert report["steps"] == 2 * int(1 / report["sample_rate"])
+    assert report["grad_sample_mode"] == "ghost"
+    for cls, key in ((PRVAccountant, "epsilon_prv"), (RDPAccountant, "epsilon_rdp")):
+        acc = cls()
+        acc.history = [(report["noise_multiplier"], report["sample_rate"], report["steps"])]
+        assert acc.get_epsilon(delta=report["delta"]) == pytest.approx(report[key], rel=1e-9)
+    assert float(trainer.callback_metrics["privacy/epsilon"]) == pytest.approx(report["epsilon"], rel=1e-6)
+
+
+def test_private_step_clips_per_sample_and_adds_noise():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1))
+    x, y = torch.randn(32, 5) * 100, torch.randn(32)  # huge inputs: every row's gradient is clipped
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+
+    def grad_after(noise: float) -> torch.Tensor:
+        m = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1))
+        m.load_state_dict(model.state_dict())
+        pt = make_private(m, torch.optim.SGD(m.parameters(), lr=0.0), loader, noise_multiplier=noise,
+                          max_grad_norm=0.01, sample_rate=1.0, expected_batch_size=32, delta=1e-5,
+                          grad_sample_mode="hooks")
+        ((m(x).squeeze(-1) - y) ** 2).mean().backward()
+        assert all(p.grad_sample is not None and p.grad_sample.shape[0] == 32 for p in m.parameters())
+        pt.optimizer.step()
+        assert pt.steps == 1
+        return torch.cat([p.grad.flatten() for p in m.parameters()])
+
+    clipped = grad_after(1e-12)
+    raw = torch.cat([g.flatten() for g in _raw_grads(model, x, y)])
+    assert clipped.norm() <= 0.01 * (1 + 1e-4)  # mean of 32 rows each clipped to 0.01
+    assert raw.norm() > 10 * clipped.norm()
+    noisy = grad_after(100.0)
+    assert (noisy - clipped).norm() > 10 * clipped.norm()
+
+
+def _raw_grads(model, x, y):
+    m = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1))
+    m.load_state_dict(model.state_dict())
+    ((m(x).squeeze(-1) - y) ** 2).mean().backward()
+    return [p.grad for p in m.parameters()]
+
+
+def test_virtual_steps_equal_one_logical_step():
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 4), torch.randn(24)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=24)
+    grads = []
+    for chunks in (1, 3):
+        m = nn.Linear(4, 1)
+        nn.init.constant_(m.weight, 0.3)
+        nn.init.constant_(m.bias, -0.2)
+        pt = make_private(m, torch.optim.SGD(m.parameters(), lr=0.0), loader, noise_multiplier=1e-12,
+                          max_grad_norm=0.5, sample_rate=1.0, expected_batch_size=24, delta=1e-5,
+                          grad_sample_mode="hooks")
+        from opacus.utils.batch_memory_manager import BatchSplittingSampler
+
+        for idx in BatchSplittingSampler(sampler=[np.arange(24)], max_batch_size=24 // chunks, optimizer=pt.optimizer):
+            ((m(x[idx]).squeeze(-1) - y[idx]) ** 2).mean().backward()
+            pt.optimizer.step()
+            if chunks == 1 or idx[-1] == 23:
+                grads.append(m.weight.grad.clone())
+            pt.optimizer.zero_grad()
+        assert pt.steps == 1  # one accounted step per logical batch
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_empty_poisson_batch_still_noises_and_counts():
+    m = nn.Linear(3, 1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 3)), batch_size=4)
+    for mode in ("hooks", "ghost"):
+        crit = nn.MSELoss()
+        pt = make_private(m, torch.optim.SGD(m.parameters(), lr=0.0), loader, noise_multiplier=1.0,
+                          max_grad_norm=1.0, sample_rate=0.5, expected_batch_size=2, delta=1e-5,
+                          grad_sample_mode=mode, criterion=crit)
+        zero_per_sample_grads(pt, list(m.parameters()))
+        pt.optimizer.step()
+        assert pt.steps == 1 and pt.history == [(1.0, 0.5, 1)]
+        assert m.weight.grad.abs().sum() > 0  # pure noise
+        pt.optimizer.zero_grad()
+        pt.close()
+
+
+def test_ghost_falls_back_to_hooks_when_a_layer_runs_twice(caplog):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(self.lin(x)).sum(-1)
+
+    mode, reason = resolve_grad_sample_mode(Tied(), "ghost", probe=lambda m: m(torch.randn(3, 4)))
+    assert mode == "hooks" and "tying" in reason.lower()
+    assert "falling back to hooks" in caplog.text
+    assert resolve_grad_sample_mode(nn.Linear(4, 1), "ghost", probe=lambda m: m(torch.randn(3, 4)))[0] == "ghost"
+
+
+def test_poisson_sampler_is_bernoulli_per_row():
+    dm = datamodule(n=3000, batch_size=300)
+    dm.poisson_sampling = True
+    loader = dm.train_dataloader()
+    n, q = dm.n_train, dm.sample_rate
+    counts, sizes = np.zeros(n), []
+    for _ in range(20):
+        for idx in loader.sampler:
+            counts[idx] += 1
+            sizes.append(len(idx))
+    sizes = np.asarray(sizes)
+    assert abs(sizes.mean() - n * q) < 4 * math.sqrt(n * q * (1 - q) / len(sizes))
+    assert sizes.var() == pytest.approx(n * q * (1 - q), rel=0.35)  # binomial, not a fixed batch size
+    assert abs(counts.mean() / len(sizes) - q) < 0.01
+
+
+# ---- refusals --------------------------------------------------------------------------------------
+def validator(**kw) -> DPTrainingValidator:
+    args = {"epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0, "noise_multiplier": 1.0, **kw}
+    return DPTrainingValidator(**args)
+
+
+OK_PARAMS = {"n_train": 10_000, "sample_rate": 0.01, "planned_steps": 100, "poisson_sampling": True}
+
+
+@pytest.mark.parametrize("kw,params,match", [
+    ({"delta": 1e-3}, {}, r"privacy.target_delta=0.001 must be in \(0, 1/N_train\)"),
+    ({"max_grad_norm": None}, {}, r"privacy.max_grad_norm=None"),
+    ({"max_grad_norm": float("inf")}, {}, r"privacy.max_grad_norm=inf"),
+    ({"noise_multiplier": 0.0}, {}, r"privacy.noise_multiplier=0.0.*epsilon = infinity"),
+    ({}, {"poisson_sampling": False}, r"privacy.poisson_sampling=false"),
+    ({"noise_multiplier": 0.5, "accountant": "rdp"}, {"planned_steps": 5000},
+     r"trainer.max_epochs: the planned 5000 steps.*> privacy.target_epsilon=3.0"),
+])
+def test_validator_refuses_non_private_settings(kw, params, match):
+    with pytest.raises(PrivacyConfigError, match=match):
+        validator(**kw).validate_training_params({**OK_PARAMS, **params})
+    validator().validate_training_params(OK_PARAMS)  # the baseline passes
+
+
+def test_validator_refuses_batchnorm_and_unwrapped_model_and_optimizer():
+    v = validator()
+    with pytest.raises(PrivacyConfigError, match=r"model.net has BatchNorm layers \['1'\]"):
+        v.audit_model(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
+    m = nn.Linear(3, 1)
+    with pytest.raises(PrivacyConfigError, match="not wrapped for per-sample gradients"):
+        v.audit_model(m)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 3)), batch_size=2)
+    pt = make_private(m, torch.optim.SGD(m.parameters(), lr=0.1), loader, noise_multiplier=1.0, max_grad_norm=1.0,
+                      sample_rate=0.5, expected_batch_size=2, delta=1e-5, grad_sample_mode="hooks")
+    v.audit_model(m, pt.optimizer, pt.hooks)
+    with pytest.raises(PrivacyConfigError, match="plain SGD, not an Opacus DPOptimizer"):
+        v.audit_model(m, torch.optim.SGD(m.parameters(), lr=0.1), pt.hooks)
+
+
+def test_validator_refuses_a_non_poisson_loader():
+    dm = datamodule()
+    with pytest.raises(PrivacyConfigError, match="samples with BatchIndexSampler, not Poisson"):
+        validator().check_sampler(dm.train_dataloader(), dm.sample_rate)
+    dm.poisson_sampling = True
+    validator().check_sampler(dm.train_dataloader(), dm.sample_rate)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("accumulate_grad_batches", 4, r"trainer.accumulate_grad_batches=4 is not allowed with privacy=dp"),
+    ("precision", "bf16-mixed", r"trainer.precision=bf16-mixed is not supported with privacy=dp"),
+    ("precision", "16-mixed", r"trainer.precision=16-mixed"),
+    ("gradient_clip_val", 1.0, r"trainer.gradient_clip_val=1.0 is not allowed"),
+    ("strategy", "fsdp", r"trainer.strategy=fsdp is not supported"),
+])
+def test_trainer_settings_refused(tmp_path, key, value, match):
+    cfg = base_cfg(tmp_path)
+    cfg.trainer[key] = value
+    with pytest.raises(PrivacyConfigError, match=match):
+        check_trainer(cfg)
+
+
+def test_configure_privacy_refuses_before_training(tmp_path):
+    dm = datamodule()
+    with pytest.raises(PrivacyConfigError, match=r"privacy.target_delta=0.01"):
+        configure_privacy(base_cfg(tmp_path, target_delta=0.01), plain_module(dm), dm)
+    with pytest.raises(PrivacyConfigError, match="privacy.noise_multiplier=0"):
+        configure_privacy(base_cfg(tmp_path, noise_multiplier=0, target_epsilon=None), plain_module(dm), dm)
+    with pytest.raises(PrivacyConfigError, match="privacy.poisson_sampling=false"):
+        configure_privacy(base_cfg(tmp_path, poisson_sampling=False), plain_module(dm), dm)
+    with pytest.raises(PrivacyConfigError, match="privacy.max_grad_nrom: unknown setting; did you mean 'max_grad_norm'"):
+        configure_privacy(base_cfg(tmp_path, max_grad_nrom=1.0), plain_module(dm), dm)
+    module, (v,) = configure_privacy(base_cfg(tmp_path), plain_module(dm), dm)
+    assert dm.poisson_sampling and isinstance(module, DPAdScoreModule)
+    assert v.delta == pytest.approx(1 / (10 * dm.n_train))
+    assert epsilon_of([(v.noise_multiplier, dm.sample_rate, 2 * int(1 / dm.sample_rate))], v.delta, "prv") <= 3.0
+
+
+def test_noise_for_target_meets_target_with_both_accountants():
+    for mech in ("prv", "rdp"):
+        sigma = noise_for_target(2.0, 1e-5, 0.02, 300, mech)
+        eps = epsilon_of([(sigma, 0.02, 300)], 1e-5, mech)
+        assert 1.9 <= eps <= 2.0
+
+
+# ---- budget, resume -----------------------------------------------------------------------------
+class _LowerBudget(L.Callback):
+    """Lowers the step cap after the validator set it, as if the budget were nearly spent."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        pl_module.privacy.extras["step_limit"] = self.limit
+
+
+def test_training_stops_at_the_budget_with_a_checkpoint(tmp_path):
+    dm = datamodule()
+    cfg = base_cfg(tmp_path)
+    module, callbacks = configure_privacy(cfg, plain_module(dm), dm)
+    trainer = L.Trainer(max_epochs=2, logger=False, callbacks=[*callbacks, _LowerBudget(3)], enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False)
+    trainer.fit(module, datamodule=dm)
+    assert module.privacy.steps == 3 and trainer.global_step == 3
+    assert callbacks[0].stopped_for_budget
+    state = torch.load(tmp_path / "checkpoints" / "privacy_budget_stop.ckpt", weights_only=True)
+    assert sum(h[2] for h in state["privacy_accountant"]["history"]) == 3
+
+
+def test_resume_restores_accountant_history(dp_run, tmp_path):
+    module, _, _, report, tmp = dp_run
+    last = tmp / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True)  # plain lists: no pickled objects
+    assert state["privacy_accountant"]["history"] == [[report["noise_multiplier"], report["sample_rate"],
+                                                      report["steps"]]]
+    # resume with one more epoch (noise fixed to the first run's, budget raised to fit it)
+    resumed, _, v2, _ = fit_dp(tmp_path, max_epochs=3, ckpt_path=str(last), noise_multiplier=report["noise_multiplier"],
+                               target_epsilon=10.0)
+    assert resumed.privacy.steps == report["steps"] * 3 // 2
+    assert resumed.privacy.epsilon() > report["epsilon"]
+
+
+# ---- audits ---------------------------------------------------------------------------------------
+def test_audit_finds_leakage_in_an_overfit_non_private_model():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    n = 400
+    x = torch.as_tensor(rng.normal(size=(2 * n, 20)), dtype=torch.float32)
+    y = torch.as_tensor(rng.random(2 * n) < 0.5, dtype=torch.float32)  # random labels: only memory helps
+    rows, included = draw_canaries(n, n, seed=1)
+    train = np.concatenate([rows[included]])
+    model = nn.Sequential(nn.Linear(20, 128), nn.ReLU(), nn.Linear(128, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.binary_cross_entropy_with_logits(model(x[train]).squeeze(-1), y[train]).backward()
+        opt.step()
+    with torch.no_grad():
+        loss = nn.functional.binary_cross_entropy_with_logits(model(x).squeeze(-1), y, reduction="none").numpy()
+    mia = membership_auc(loss[train], loss[n:], n_boot=100)
+    assert mia["auc"] > 0.8 and mia["auc_low"] > 0.7
+    bound = one_run_lower_bound(-loss[rows], included)
+    assert bound["epsilon_lower_bound"] > 1.0 and bound["canary_auc"] > 0.8
+
+
+def test_audit_sees_no_leakage_in_a_strongly_private_run(tmp_path):
+    module, trainer, v, _ = fit_dp(tmp_path, max_epochs=1, noise_multiplier=1e4, target_epsilon=None)
+    report = v.generate_privacy_report()
+    assert report["audit/mia_auc_low"] <= 0.5 <= report["audit/mia_auc_high"] + 0.02
+    assert report["audit/epsilon_lower_bound"] <= report["epsilon"]
+    assert abs(float(trainer.callback_metrics["val/auc"]) - 0.5) < 0.2  # huge noise: no utility either
+
+
+def test_epsilon_lower_bound_is_monotone_and_zero_at_chance():
+    assert epsilon_lower_bound(50, 100, 0.05) == 0.0
+    assert 0 < epsilon_lower_bound(80, 100, 0.05) < epsilon_lower_bound(95, 100, 0.05)
+    # 100/100 correct: P[Bin(100, p) = 100] = p^100 <= 0.05 -> eps = logit(0.05^(1/100))
+    p = 0.05 ** (1 / 100)
+    assert epsilon_lower_bound(100, 100, 0.05) == pytest.approx(math.log(p / (1 - p)), rel=1e-6)
+
+
+def test_dp_run_keeps_utility(dp_run):
+    _, trainer, _, report, _ = dp_run
+    assert float(trainer.callback_metrics["val/auc"]) > 0.75
+    assert report["audit/epsilon_lower_bound"] <= report["epsilon"]
+
+
+# ---- the Hydra pipeline --------------------------------------------------------------------------
+def _needs_simulator():
+    if not (CONF / "data" / "synthetic.yaml").is_file():
+        pytest.fail("conf/data/synthetic.yaml is missing: the default simulator config is required")
+
+
+@pytest.mark.slow  # ~70 s on a 2-core CI box
+def test_pipeline_privacy_dp_end_to_end(tmp_path):
+    _needs_simulator()
+    import json
+
+    from within.pipeline.train import run_train
+
+    cfg = compose_cfg("train", [*FAST, "privacy=dp", "privacy.target_epsilon=3", "privacy.audit.canaries=300",
+                                "privacy.audit.bootstrap=50", "trainer.max_epochs=2", "logger=csv"], tmp_path)
+    run_train(cfg)
+    report = json.loads((tmp_path / "report" / "privacy.json").read_text())
+    assert 0 < report["epsilon"] <= 3.0
+    acc = RDPAccountant()
+    acc.history = [tuple(h) for h in report["history"]]
+    assert acc.get_epsilon(report["delta"]) == pytest.approx(report["epsilon_rdp"], rel=1e-9)
+    meta = json.loads((tmp_path / "bundle" / "metadata.json").read_text())
+    assert meta["metadata"]["privacy"]["epsilon"] == pytest.approx(report["epsilon"])
+
+
+@pytest.mark.slow
+def test_ddp_cpu_two_processes_dp(tmp_path):
+    _needs_simulator()
+    import json
+
+    cmd = [sys.executable, str(ROOT / "train.py"), "trainer=ddp_cpu", "privacy=dp", "data.source.n=6000",
+           "trainer.max_epochs=1", "extras.print_config=false", "privacy.audit.canaries=200",
+           f"paths.output_dir={tmp_path}", f"hydra.run.dir={tmp_path}"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "report" / "privacy.json").read_text())
+    assert report["world_size"] == 2 and report["epsilon"] <= 3.0
+    assert report["steps"] == int(1 / report["sample_rate"])  # global batch accounting: one q, floor(1/q) steps
