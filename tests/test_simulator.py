@@ -274,3 +274,15 @@ def test_tabular_only_model_falls_short_of_the_oracle():
     assert glm["all"] - glm["tabular"] >= 0.03, glm
     assert glm["tabular+text"] > glm["tabular"] and glm["tabular+image"] > glm["tabular"], glm
     assert aucs["oracle"] - glm["all"] < 0.025, (aucs, glm)
+
+
+def test_sample_seed_draws_new_rows_from_the_same_world():
+    a = simulate(n=3_000, seed=7)
+    b = simulate(n=3_000, seed=7, sample_seed=99)
+    assert not a["clicked"].equals(b["clicked"])
+    # the same world: an ad seen in both samples has the same creative and text
+    both = a.drop_duplicates("ad_id").merge(b.drop_duplicates("ad_id"), on="ad_id", suffixes=("_a", "_b"))
+    assert len(both) > 50
+    assert (both["headline_a"] == both["headline_b"]).all() and (both["bid_a"] == both["bid_b"]).all()
+    sim = AdMarketSimulator(seed=7, sample_seed=99)
+    np.testing.assert_allclose(sim.true_logit(b), np.log(b["true_ctr"] / (1 - b["true_ctr"])), rtol=1e-8)

@@ -188,6 +188,7 @@ class AdMarketSimulator:
     def __init__(
         self,
         seed: int = 7,
+        sample_seed: int | None = None,
         n_accounts: int = 40,
         campaigns_per_account: int = 5,
         ad_groups_per_campaign: int = 4,
@@ -218,6 +219,9 @@ class AdMarketSimulator:
         drift: Mapping[str, float] | None = None,
     ):
         self.seed = int(seed)
+        # rows come from sample_seed (default: seed); the world itself only from seed, so a new
+        # sample_seed draws fresh impressions of the same accounts, ads and effects
+        self.sample_seed = self.seed if sample_seed is None else int(sample_seed)
         self.knobs = {
             "n_accounts": int(n_accounts), "campaigns_per_account": int(campaigns_per_account),
             "ad_groups_per_campaign": int(ad_groups_per_campaign), "ads_per_ad_group": int(ads_per_ad_group),
@@ -544,7 +548,7 @@ class AdMarketSimulator:
 
     def _block(self, b: int, n: int) -> dict:
         lo, hi = b * BLOCK_ROWS, min((b + 1) * BLOCK_ROWS, n)
-        rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(1, b)))
+        rng = np.random.default_rng(np.random.SeedSequence(self.sample_seed, spawn_key=(1, b)))
         m = hi - lo
         frac = (np.arange(lo, hi, dtype=np.float64) + rng.random(m)) / n
         return self._draw(rng, m, frac)
