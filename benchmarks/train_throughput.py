@@ -32,7 +32,9 @@ OUT = ROOT / "benchmarks" / "results" / "train_throughput.json"
 
 
 def net_kwargs() -> dict:
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "nn.yaml"), resolve=True)
+    # nested under `model` so the net's ${model.hidden_dims} interpolation resolves
+    cfg = OmegaConf.to_container(OmegaConf.create({"model": OmegaConf.load(ROOT / "conf" / "model" / "nn.yaml")}),
+                                 resolve=True)["model"]
     kwargs = dict(cfg["net"])
     kwargs.pop("_target_")
     return kwargs

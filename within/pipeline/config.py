@@ -62,7 +62,10 @@ def validate_config(cfg: DictConfig, kind: str = "train") -> None:
         _check_type(key, cfg[key], allowed[key])
     for key in ("data", "model", "trainer", "calibrator"):
         if key in cfg and cfg[key] is not None:
-            _check_targets(cfg[key], key)
+            node = cfg[key]
+            if key == "model":  # `hidden_dims` is a shortcut that model.net interpolates
+                node = OmegaConf.masked_copy(node, [k for k in node if k != "hidden_dims"])
+            _check_targets(node, key)
     for group in ("callbacks", "logger"):
         node = cfg.get(group)
         if node:

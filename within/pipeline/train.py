@@ -67,6 +67,10 @@ def build_loggers(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> list
     return instantiate_group(cfg.get("logger"))
 
 
+# model-level keys that only feed model.net by interpolation, never the LightningModule itself
+MODEL_SHORTCUTS = ("net", "hidden_dims")
+
+
 def privacy_enabled(cfg: DictConfig) -> bool:
     return bool(cfg.get("privacy") and cfg.privacy.get("enabled"))
 
@@ -77,7 +81,7 @@ def build_module(cfg: DictConfig, input_dim: dict[str, Any]) -> tuple[L.Lightnin
     net_kwargs = OmegaConf.to_container(cfg.model.net, resolve=True)
     net_kwargs.pop("_target_")
     net_kwargs.update(input_dim=input_dim, **extra)
-    module_cfg = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k != "net"])
+    module_cfg = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k not in MODEL_SHORTCUTS])
     module = instantiate(module_cfg, net=net)
     return module, type(net).__name__, net_kwargs
 
