@@ -79,6 +79,12 @@ def download(remote: RemoteFile, dest_dir: Path) -> Path:
     return dest
 
 
+def locate_file(dataset: str, root: str | Path | None, files: Sequence[RemoteFile], file: str, download: bool) -> Path:
+    """Path of one dataset file: a known file may be downloaded; any other name must already be in `root`."""
+    remote = [f for f in files if f.name == file] or [RemoteFile(file, "", "")]
+    return locate(dataset, root, remote, download and remote[0].url != "") / file
+
+
 def locate(dataset: str, root: str | Path | None, files: Sequence[RemoteFile], download_ok: bool) -> Path:
     """Return the folder holding every file in `files`.
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from within.data.loaders._common import RemoteFile, binary_label, locate, str_column
+from within.data.loaders._common import RemoteFile, locate_file, binary_label, str_column
 
 RENAME = {
     "Daily Time Spent on Site": "daily_time_on_site",
@@ -49,9 +49,7 @@ FILES = (
 
 def load(root: str | Path | None, download: bool = False, file: str = "advertising.csv") -> pd.DataFrame:
     """Read advertising.csv into snake_case columns; `clicked` 0/1, `timestamp` datetime64."""
-    remote = [f for f in FILES if f.name == file] or [RemoteFile(file, "", "")]
-    folder = locate("advertising", root, remote, download and remote[0].url != "")
-    path = folder / file
+    path = locate_file("advertising", root, FILES, file, download)
     raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])  # blank first lines are skipped
     missing = [c for c in RENAME if c not in raw.columns]
     if missing:

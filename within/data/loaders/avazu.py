@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from within.data.loaders._common import RemoteFile, binary_label, locate, str_column
+from within.data.loaders._common import RemoteFile, locate_file, binary_label, str_column
 
 CATEGORICAL = [
     "C1",
@@ -58,9 +58,7 @@ def load(
     nrows: int | None = None,
 ) -> pd.DataFrame:
     """Read Avazu CSV into `clicked`, `timestamp`, `hour_of_day`, `weekday` and the 21 categoricals (str)."""
-    remote = [f for f in FILES if f.name == file] or [RemoteFile(file, "", "")]
-    folder = locate("avazu", root, remote, download and remote[0].url != "")
-    path = folder / file
+    path = locate_file("avazu", root, FILES, file, download)
     raw = pd.read_csv(
         path,
         dtype=str,

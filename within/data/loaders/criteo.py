@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from within.data.loaders._common import RemoteFile, binary_label, locate, str_column
+from within.data.loaders._common import RemoteFile, locate_file, binary_label, str_column
 
 NUMERIC = [f"I{i}" for i in range(1, 14)]
 CATEGORICAL = [f"C{i}" for i in range(1, 27)]
@@ -37,9 +37,7 @@ def load(
     nrows: int | None = None,
 ) -> pd.DataFrame:
     """Read Criteo TSV into `clicked`, I1..I13 (float64, NaN = missing), C1..C26 (str, NaN = missing)."""
-    remote = [f for f in FILES if f.name == file] or [RemoteFile(file, "", "")]
-    folder = locate("criteo", root, remote, download and remote[0].url != "")
-    path = folder / file
+    path = locate_file("criteo", root, FILES, file, download)
     names = ["clicked", *NUMERIC, *CATEGORICAL]
     # Only the empty string is missing: no hashed value can collide with pandas' default NA words.
     raw = pd.read_csv(

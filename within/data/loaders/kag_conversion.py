@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from within.data.loaders._common import RemoteFile, locate, str_column
+from within.data.loaders._common import RemoteFile, locate_file, str_column
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,7 @@ def load(
     root: str | Path | None, download: bool = False, file: str = "KAG_conversion_data.csv"
 ) -> pd.DataFrame:
     """Read the KAG file: ids/audience as str, counts int64, `spent` float64; drop impossible rows."""
-    remote = [f for f in FILES if f.name == file] or [RemoteFile(file, "", "")]
-    folder = locate("kag_conversion", root, remote, download and remote[0].url != "")
-    path = folder / file
+    path = locate_file("kag_conversion", root, FILES, file, download)
     raw = pd.read_csv(path, dtype=str, encoding="utf-8-sig", keep_default_na=False, na_values=[""])
     missing = [c for c in RENAME if c not in raw.columns]
     if missing:
