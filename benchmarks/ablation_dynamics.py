@@ -30,15 +30,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "ablation_dynamics.json"
 ADAPTIVE = "model.net.adaptive_dropout={p:0.1,momentum:0.9,window_size:5,adaptive_range:[0.0,0.5]}"
-# total_steps=null: anneal over this run's optimizer steps (NoiseAnnealing reads them from the
-# trainer); QuantumNoiseLayer's default of 1000 steps would leave a short run near full noise
-NOISE = ["model.net.enable_quantum_noise=true", "+model.net.noise.total_steps=null"]
+NOISE = ["model.enable_quantum_noise=true"]
 CONFIGS: dict[str, list[str]] = {
-    "off": ["model.net.enable_quantum_noise=false"],
+    "off": ["model.enable_quantum_noise=false"],
     "gaussian_cosine": [*NOISE, "model.net.noise.noise_type=gaussian", "model.net.noise.annealing_schedule=cosine"],
     **{f"phase_{s}": [*NOISE, "model.net.noise.noise_type=phase", f"model.net.noise.annealing_schedule={s}"]
        for s in ("cosine", "constant", "linear", "exponential")},
-    "adaptive_dropout": ["model.net.enable_quantum_noise=false", ADAPTIVE],
+    "adaptive_dropout": ["model.enable_quantum_noise=false", ADAPTIVE],
 }
 BASELINE = "off"
 

@@ -122,3 +122,28 @@ def test_noise_annealing_callback(tmp_path):
     assert module.levels == pytest.approx(expected, rel=1e-5)
     assert module.noise.get_current_noise_level() == pytest.approx(0.0, abs=1e-7)
     assert "train/noise_level" in trainer.callback_metrics
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_train_py_logs_noise_level_on_its_schedule(tmp_path, schedule):
+    """`python train.py model=nn model.enable_quantum_noise=true`: the logged train/noise_level is
+    noise_intensity * schedule(step / total_steps), total_steps being the run's optimizer steps."""
+    import pandas as pd
+
+    from tests.conftest import FAST, compose_cfg
+    from within.nn.noise import schedule_factor
+    from within.pipeline.train import run_train
+
+    cfg = compose_cfg("train", FAST + [
+        "model.enable_quantum_noise=true", f"model.net.noise.annealing_schedule={schedule}",
+        "model.net.noise.noise_intensity=0.3", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
+        "logger=csv", "postfit=[]",
+    ], out_dir=tmp_path)
+    run_train(cfg)
+    logged = pd.read_csv(tmp_path / "csv" / "metrics.csv").dropna(subset=["train/noise_level"])
+    total = int(logged["step"].max()) + 1  # one level per optimizer step, all of them logged
+    assert len(logged) == total >= 10
+    # the level logged after optimizer step s is the one set for the next step, s + 1
+    expected = [0.3 * schedule_factor(schedule, (s + 1) / total, 0.0) for s in logged["step"]]
+    assert logged["train/noise_level"].to_numpy() == pytest.approx(expected, abs=1e-6)
+    assert logged["train/noise_level"].iloc[-1] == pytest.approx(0.0, abs=1e-6)

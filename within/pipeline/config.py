@@ -16,6 +16,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+# model-level keys that only feed model.net by interpolation (sweep shortcuts), never the LightningModule
+MODEL_SHORTCUTS = ("hidden_dims", "enable_quantum_noise")
+
 TRAIN_KEYS = {
     "task_name": str, "tags": list, "seed": int, "ckpt_path": (str, type(None)), "train": bool,
     "test": bool, "postfit": list, "data": dict, "features": dict, "model": dict, "calibrator": dict,
@@ -63,8 +66,8 @@ def validate_config(cfg: DictConfig, kind: str = "train") -> None:
     for key in ("data", "model", "trainer", "calibrator"):
         if key in cfg and cfg[key] is not None:
             node = cfg[key]
-            if key == "model":  # `hidden_dims` is a shortcut that model.net interpolates
-                node = OmegaConf.masked_copy(node, [k for k in node if k != "hidden_dims"])
+            if key == "model":  # shortcuts that model.net interpolates
+                node = OmegaConf.masked_copy(node, [k for k in node if k not in MODEL_SHORTCUTS])
             _check_targets(node, key)
     for group in ("callbacks", "logger"):
         node = cfg.get(group)

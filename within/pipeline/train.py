@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from within.lit.history import MetricHistory
 from within.models.predictor import AdScorePredictor
-from within.pipeline.config import register_resolvers, validate_config
+from within.pipeline.config import MODEL_SHORTCUTS, register_resolvers, validate_config
 from within.pipeline.linear import is_linear, run_linear
 from within.pipeline.report import plot_reliability, plot_training_curve, score_frame, write_markdown, write_metrics
 from within.postfit import PostfitContext, postfit_test_metrics, report_sections, run_steps
@@ -67,8 +67,6 @@ def build_loggers(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> list
     return instantiate_group(cfg.get("logger"))
 
 
-# model-level keys that only feed model.net by interpolation, never the LightningModule itself
-MODEL_SHORTCUTS = ("net", "hidden_dims")
 
 
 def privacy_enabled(cfg: DictConfig) -> bool:
@@ -81,7 +79,7 @@ def build_module(cfg: DictConfig, input_dim: dict[str, Any]) -> tuple[L.Lightnin
     net_kwargs = OmegaConf.to_container(cfg.model.net, resolve=True)
     net_kwargs.pop("_target_")
     net_kwargs.update(input_dim=input_dim, **extra)
-    module_cfg = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k not in MODEL_SHORTCUTS])
+    module_cfg = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k != "net" and k not in MODEL_SHORTCUTS])
     module = instantiate(module_cfg, net=net)
     return module, type(net).__name__, net_kwargs
 
