@@ -29,20 +29,9 @@ DATA_DIR = Path(os.environ.get("WITHIN_DATA_DIR", ROOT.parent / "shared" / "data
 
 
 def compose(overrides: list[str], out_dir: Path):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+    from within.pipeline.api import compose_config
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.root_dir, cfg.paths.data_dir = str(ROOT), str(DATA_DIR)
-        cfg.paths.output_dir = cfg.paths.log_dir = str(out_dir)
-    return cfg
+    return compose_config(overrides, output_dir=out_dir, data_dir=DATA_DIR)
 
 
 def run_one(data_overrides: list[str], text_model: str, work: Path, epochs: int, seed: int) -> dict:

@@ -53,7 +53,7 @@ def datamodule(n: int = 2000, batch_size: int = 200) -> AdDataModule:
 
 
 def base_cfg(tmp_path, **privacy) -> OmegaConf:
-    p = OmegaConf.to_container(OmegaConf.load(CONF / "privacy" / "dp.yaml"))
+    p = OmegaConf.to_container(OmegaConf.load(CONF / "privacy" / "dp.yaml"))["privacy"]  # @package _global_
     p["audit"].update(canaries=200, mia_samples=400, bootstrap=50)
     p.update(privacy)
     return OmegaConf.create({
@@ -208,6 +208,107 @@ def test_poisson_sampler_is_bernoulli_per_row():
     assert abs(counts.mean() / len(sizes) - q) < 0.01
 
 
+def test_distributed_poisson_sampler_keeps_empty_batches_and_partitions_rows():
+    from within.privacy.sampling import DistributedPoissonSampler
+
+    n, q, world = 1001, 0.002, 2  # E[local batch] = 1: empty local batches are common
+    samplers = [DistributedPoissonSampler(total_size=n, sample_rate=q, num_replicas=world, rank=r, shuffle_seed=3,
+                                          generator=torch.Generator().manual_seed(10 + r)) for r in range(world)]
+    shards = [set(s.shard().tolist()) for s in samplers]
+    assert shards[0].isdisjoint(shards[1]) and shards[0] | shards[1] == set(range(n))
+    counts, sizes = np.zeros(n), []
+    for epoch in range(40):
+        for s in samplers:
+            s.set_epoch(epoch)
+        per_rank = [list(s) for s in samplers]
+        # every rank takes floor(1/q) steps, empty ones included: the DDP all-reduces stay paired
+        assert [len(b) for b in per_rank] == [int(1 / q)] * world
+        assert any(len(b) == 0 for b in per_rank[0])
+        for step in zip(*per_rank):
+            idx = torch.cat(list(step)).numpy()
+            counts[idx] += 1
+            sizes.append(len(idx))
+    # the GLOBAL batch is Poisson at rate q: mean q * N, each row joins with probability q
+    sizes = np.asarray(sizes)
+    assert abs(sizes.mean() - n * q) < 4 * math.sqrt(n * q / len(sizes))
+    assert abs(counts.mean() / len(sizes) - q) < 0.1 * q
+
+
+# One rank of a 2-process gloo job (run as `python -c`, so a rank imports torch + within.privacy only):
+# a private step on this rank's half of a fixed global batch, for each grad_sample_mode and noise level.
+_DDP_NOISE_WORKER = r"""
+import sys
+import torch
+import torch.distributed as dist
+from torch import nn
+from within.privacy.engine import make_private
+
+rank, world, init_file, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+g = torch.Generator().manual_seed(0)
+d, b = 4000, 64  # global batch of 64 rows, 32 per rank
+x, y = torch.randn(b, d, generator=g), torch.randn(b, generator=g)
+mine = slice(rank * b // world, (rank + 1) * b // world)
+torch.manual_seed(100 + rank)  # noise streams differ per rank, as they would in practice
+results = {}
+for mode in ("hooks", "ghost"):
+    for sigma in (0.0, 5.0):
+        m = nn.Linear(d, 1, bias=False)
+        nn.init.constant_(m.weight, 0.01)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[mine]), batch_size=b // world)
+        crit = nn.MSELoss()
+        pt = make_private(m, torch.optim.SGD(m.parameters(), lr=0.0), loader, noise_multiplier=sigma,
+                          max_grad_norm=0.5, sample_rate=0.5, expected_batch_size=b / world, delta=1e-5,
+                          grad_sample_mode=mode, criterion=crit if mode == "ghost" else None, world_size=world)
+        out = m(x[mine]).squeeze(-1)
+        if pt.criterion is not None:
+            pt.criterion(out, y[mine]).backward()
+        else:
+            crit(out, y[mine]).backward()
+        pt.optimizer.step()
+        results[f"{mode}/{sigma}"] = m.weight.grad.detach().clone().flatten()
+        results[f"{mode}/{sigma}/steps"] = torch.tensor(pt.steps)
+        results[f"{mode}/{sigma}/optimizer"] = torch.tensor(int(type(pt.optimizer).__name__.startswith("Distributed")))
+        pt.close()
+torch.save(results, f"{out_dir}/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_distributed_dp_step_noises_once_over_the_global_batch(tmp_path):
+    """Two gloo processes with Opacus' distributed DP optimizer (hooks and ghost): the step equals
+    (sum of every rank's clipped rows + ONE N(0, (sigma C)^2) draw) / global expected batch, on both
+    ranks. Noise added on every rank would show a std sqrt(2) times larger."""
+    world = 2
+    procs = [subprocess.Popen([sys.executable, "-c", _DDP_NOISE_WORKER, str(r), str(world), str(tmp_path / "init"),
+                               str(tmp_path)], cwd=ROOT) for r in range(world)]
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world))
+    # reference: per-row gradients of the global batch, clipped to C, summed, divided by the global batch
+    g = torch.Generator().manual_seed(0)
+    d, b, c = 4000, 64, 0.5
+    x, y = torch.randn(b, d, generator=g), torch.randn(b, generator=g)
+    w = torch.full((d,), 0.01)
+    per_row = 2 * ((x @ w) - y)[:, None] * x  # d/dw of (x.w - y)^2
+    clipped = per_row * (c / per_row.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)[:, None]
+    expected = clipped.sum(0) / b
+    for mode in ("hooks", "ghost"):
+        for sigma in (0.0, 5.0):
+            key = f"{mode}/{sigma}"
+            torch.testing.assert_close(r0[key], r1[key])  # both ranks step with the same gradient
+            assert int(r0[f"{key}/steps"]) == int(r1[f"{key}/steps"]) == 1
+            assert int(r0[f"{key}/optimizer"]) == 1  # Opacus' Distributed*DPOptimizer*
+        torch.testing.assert_close(r0[f"{mode}/0.0"], expected, rtol=1e-4, atol=1e-6)
+        noise = (r0[f"{mode}/5.0"] - expected) * b  # the noise on the summed gradient
+        assert noise.std().item() == pytest.approx(5.0 * c, rel=0.06), mode  # sigma * C once, not sqrt(2) times
+
+
 # ---- refusals --------------------------------------------------------------------------------------
 def validator(**kw) -> DPTrainingValidator:
     args = {"epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0, "noise_multiplier": 1.0, **kw}
@@ -283,6 +384,16 @@ def test_configure_privacy_refuses_before_training(tmp_path):
     assert dm.poisson_sampling and isinstance(module, DPAdScoreModule)
     assert v.delta == pytest.approx(1 / (10 * dm.n_train))
     assert epsilon_of([(v.noise_multiplier, dm.sample_rate, 2 * int(1 / dm.sample_rate))], v.delta, "prv") <= 3.0
+
+
+def test_privacy_lr_sets_the_dp_optimizer_learning_rate(tmp_path):
+    dm = datamodule()
+    module, _ = configure_privacy(base_cfg(tmp_path, lr=0.05), plain_module(dm, lr=0.02), dm)
+    assert module.optimizer_factory(params=[nn.Parameter(torch.zeros(1))]).param_groups[0]["lr"] == 0.05
+    module, _ = configure_privacy(base_cfg(tmp_path, lr=None), plain_module(dm, lr=0.02), dm)
+    assert module.optimizer_factory(params=[nn.Parameter(torch.zeros(1))]).param_groups[0]["lr"] == 0.02
+    with pytest.raises(PrivacyConfigError, match=r"privacy.lr=-1"):
+        configure_privacy(base_cfg(tmp_path, lr=-1), plain_module(dm), dm)
 
 
 def test_noise_for_target_meets_target_with_both_accountants():
@@ -401,14 +512,41 @@ def test_pipeline_privacy_dp_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_cpu_two_processes_dp(tmp_path):
+    """trainer=ddp_cpu (2 gloo processes) under privacy=dp finishes, and accounts the GLOBAL batch:
+    q = data.batch_size / N_train (each rank samples its shard at rate q), floor(1/q) steps per epoch."""
     _needs_simulator()
     import json
+    import os
+    import signal
 
+    batch = 512
     cmd = [sys.executable, str(ROOT / "train.py"), "trainer=ddp_cpu", "privacy=dp", "data.source.n=6000",
-           "trainer.max_epochs=1", "extras.print_config=false", "privacy.audit.canaries=200",
+           f"data.batch_size={batch}", "trainer.max_epochs=2", "extras.print_config=false",
+           "privacy.audit.canaries=200",
            f"paths.output_dir={tmp_path}", f"hydra.run.dir={tmp_path}"]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
+    # own session: on a timeout the whole group (rank 0 and the rank it launched) is killed, no stray workers
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("privacy=dp with trainer=ddp_cpu did not finish in 600 s (DDP collective mismatch?)")
+    assert proc.returncode == 0, err[-3000:]
     report = json.loads((tmp_path / "report" / "privacy.json").read_text())
-    assert report["world_size"] == 2 and report["epsilon"] <= 3.0
-    assert report["steps"] == int(1 / report["sample_rate"])  # global batch accounting: one q, floor(1/q) steps
+    n_train = report["n_train"]
+    assert report["world_size"] == 2 and 0 < report["epsilon"] <= 3.0
+    assert report["sample_rate"] == pytest.approx(batch / n_train, rel=1e-12)  # global q, not q / world
+    assert report["expected_batch_size"] == pytest.approx(batch, rel=1e-12)
+    assert report["steps"] == 2 * int(n_train / batch)
+    assert report["history"] == [[report["noise_multiplier"], report["sample_rate"], report["steps"]]]
+    for cls, key in ((PRVAccountant, "epsilon_prv"), (RDPAccountant, "epsilon_rdp")):
+        acc = cls()  # a fresh accountant from the global batch's q and the steps taken
+        acc.history = [(report["noise_multiplier"], batch / n_train, 2 * int(n_train / batch))]
+        assert acc.get_epsilon(delta=report["delta"]) == pytest.approx(report[key], rel=1e-9)
+    assert report["epsilon"] == report["epsilon_prv"]
+    assert report["audit/epsilon_lower_bound"] <= report["epsilon"]
+    # the budget stop's checkpoint (written with a barrier on every rank) exists and holds the accountant
+    state = torch.load(tmp_path / "checkpoints" / "privacy_budget_stop.ckpt", map_location="cpu", weights_only=True)
+    assert state["privacy_accountant"]["history"] == report["history"]

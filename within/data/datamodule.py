@@ -89,6 +89,46 @@ class BatchIndexSampler(Sampler[np.ndarray]):
 
 
 SPLITS = ("train", "val", "calib", "test")
+DROPPABLE = ("text", "image")
+DROP_SPLITS = ("train", "val", "calib")  # the rows a model learns, early-stops and calibrates on; test stays whole
+
+
+def drop_modalities(
+    frames: Mapping[str, pd.DataFrame], spec: FeatureSpec, rates: Mapping[str, float], seed: int,
+    splits: tuple[str, ...] = DROP_SPLITS,
+) -> dict[str, pd.DataFrame]:
+    """Copies of `frames` where each row of `splits` loses its text / image with probability `rates[m]`.
+
+    A dropped image becomes None and dropped text the empty string, which is how the processor
+    marks a missing modality (mask_image / mask_text False -> the model's learned stand-in and the
+    CrossModalAttention masks). Draws are independent per modality, seeded by (seed, split).
+    """
+    rates = {m: float(r) for m, r in dict(rates or {}).items()}
+    bad = sorted(set(rates) - set(DROPPABLE))
+    if bad:
+        raise ValueError(f"data.drop_modality: unknown modalities {bad}; allowed: {list(DROPPABLE)}")
+    for m, r in rates.items():
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"data.drop_modality.{m}: a rate in [0, 1], got {r}")
+        if r > 0 and not (spec.text if m == "text" else spec.image):
+            raise ValueError(f"data.drop_modality.{m}: the features spec has no {m} field to drop")
+    out = dict(frames)
+    for k, name in enumerate(SPLITS):
+        frame = frames.get(name)
+        if name not in splits or frame is None or not len(frame) or not any(rates.values()):
+            continue
+        rng = np.random.default_rng([int(seed), 7919, k])
+        frame = frame.copy()
+        for m in DROPPABLE:
+            drop = rng.random(len(frame)) < rates.get(m, 0.0)
+            if not drop.any():
+                continue
+            for f in spec.text if m == "text" else spec.image:
+                col = frame[f.name].astype(object).to_numpy(copy=True)
+                col[drop] = "" if m == "text" else None
+                frame[f.name] = col
+        out[name] = frame
+    return out
 
 
 def split_frame(
@@ -139,6 +179,7 @@ class AdDataModule(L.LightningDataModule):
         processor: FeatureProcessor | None = None,
         poisson_sampling: bool = False,
         text_model: Mapping[str, Any] | str | None = None,
+        drop_modality: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         if features is None and processor is None:
@@ -165,6 +206,8 @@ class AdDataModule(L.LightningDataModule):
         self.train_sampler: Sampler | None = None
         # DP-SGD's accounting assumes each row joins each batch independently with rate q
         self.poisson_sampling = bool(poisson_sampling)
+        # e.g. {text: 0.3, image: 0.3}: that share of train/val/calib rows lose the modality (ablations)
+        self.drop_modality = dict(drop_modality or {})
 
     def load_frame(self) -> pd.DataFrame:
         df = self.source() if callable(self.source) else self.source
@@ -180,6 +223,8 @@ class AdDataModule(L.LightningDataModule):
         self.frames = split_frame(
             df, self.spec, self.split_method, self.val_frac, self.test_frac, self.seed, self.calib_frac
         )
+        if self.drop_modality:
+            self.frames = drop_modalities(self.frames, self.spec, self.drop_modality, self.seed)
         if self.processor is None:
             # train only: no leakage
             self.processor = FeatureProcessor(self.spec, text_model=self.text_model).fit(self.frames["train"])
@@ -199,10 +244,9 @@ class AdDataModule(L.LightningDataModule):
         return min(1.0, self.batch_size / max(1, self.n_train))
 
     def _poisson_sampler(self) -> Sampler:
-        from opacus.utils.uniform_sampler import (
-            DistributedUniformWithReplacementSampler,
-            UniformWithReplacementSampler,
-        )
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+        from within.privacy.sampling import DistributedPoissonSampler
 
         n = len(self.datasets["train"])
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -210,9 +254,11 @@ class AdDataModule(L.LightningDataModule):
         # one stream per rank: shared seeds would make rows of different ranks join batches together
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + rank)
         if distributed:
-            # q is per rank: the global expected batch stays batch_size (Opacus DPDDP convention)
-            return DistributedUniformWithReplacementSampler(
-                total_size=n, sample_rate=self.sample_rate, generator=generator
+            # each rank draws its own disjoint shard at rate q: the GLOBAL expected batch is batch_size
+            # (q = batch_size / N, as the accountant uses); every rank yields floor(1/q) batches, empty ones
+            # included, so all ranks step (and all-reduce) the same number of times
+            return DistributedPoissonSampler(
+                total_size=n, sample_rate=self.sample_rate, shuffle_seed=self.seed, generator=generator
             )
         return UniformWithReplacementSampler(num_samples=n, sample_rate=self.sample_rate, generator=generator)
 

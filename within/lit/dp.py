@@ -16,6 +16,7 @@ impression group when the data has `weight`).
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from within.privacy.engine import (
     PrivacyConfigError,
     PrivateTraining,
     default_delta,
+    is_finite_positive,
     make_private,
     noise_for_target,
     steps_per_epoch,
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 
 PRIVACY_KEYS = {
     "enabled", "target_epsilon", "target_delta", "max_grad_norm", "noise_multiplier", "accountant",
-    "grad_sample_mode", "poisson_sampling", "secure_mode", "max_physical_batch_size", "audit",
+    "grad_sample_mode", "poisson_sampling", "secure_mode", "max_physical_batch_size", "audit", "lr",
 }
 ROW_ID = "row_id"  # added to the train split so held-out audit canaries can be dropped from batches
 
@@ -388,8 +390,15 @@ def configure_privacy(cfg: DictConfig, module: AdScoreModule, datamodule: Any) -
     validator = DPTrainingValidator(target, delta, p.get("max_grad_norm"), sigma, p["accountant"], audit, report_dir)
     validator.validate_training_params({"n_train": n, "sample_rate": q, "planned_steps": steps,
                                         "poisson_sampling": True})
+    optimizer = module.optimizer_factory
+    lr = p.get("lr")
+    if lr is not None:
+        if not is_finite_positive(lr):
+            raise PrivacyConfigError(f"privacy.lr={lr}: must be a finite number > 0, or null for model.optimizer.lr")
+        # DP-SGD takes few, large, noisy steps: its own learning rate (the later keyword wins in a partial)
+        optimizer = functools.partial(optimizer, lr=float(lr))
     dp_module = DPAdScoreModule(
-        net=module.net, optimizer=module.optimizer_factory, scheduler=module.scheduler_factory,
+        net=module.net, optimizer=optimizer, scheduler=module.scheduler_factory,
         scheduler_interval=module.hparams.scheduler_interval, compile=module.hparams.compile,
         noise_multiplier=float(sigma), max_grad_norm=float(p["max_grad_norm"]), target_delta=delta,
         accountant=p["accountant"], grad_sample_mode=p["grad_sample_mode"], secure_mode=bool(p.get("secure_mode")),

@@ -26,6 +26,25 @@ SEED_KEYS = {
 }
 
 
+def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None = None,
+                   data_dir: str | Path | None = None, config_name: str = "train") -> Any:
+    """conf/<config_name>.yaml plus `overrides`, composed as `train.py` would (HydraConfig set), for
+    running `run_train` from Python (benchmarks, notebooks). `output_dir` becomes the run directory."""
+    import within.pipeline  # noqa: F401  (registers resolvers)
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(CONF_DIR.parent)
+        if data_dir is not None:
+            cfg.paths.data_dir = str(data_dir)
+        if output_dir is not None:
+            cfg.paths.output_dir = cfg.paths.log_dir = str(output_dir)
+    return cfg
+
+
 def spec_from_feature_config(feature_config: Mapping[str, Any], df: pd.DataFrame, label: str) -> FeatureSpec:
     """The seed's `feature_config` ({"text_features": [...], "numerical_features": [...], ...}) as a FeatureSpec.
 
@@ -69,14 +88,10 @@ def fit_predictor(
     spec = processor_spec or spec_from_feature_config(feature_config, df, label)
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out = Path(output_dir) if output_dir else CONF_DIR.parent / "outputs" / "fit" / "runs" / stamp
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
+    cfg = compose_config(overrides, output_dir=out)
     with open_dict(cfg):
         cfg.features = spec.to_dict()
         cfg.task_name = "fit"
-        cfg.paths.output_dir = str(out)
         cfg.extras.print_config = False
         if not spec.time:
             cfg.data.split.method = "random"

@@ -68,6 +68,7 @@ class DPTrainingValidator(pl.Callback):
         self.params: dict[str, Any] = {}
         self.audit_results: dict[str, Any] = {}
         self.stopped_for_budget = False
+        self._stop_reason: str | None = None
         self._private: Any = None
 
     # ---- checks ---------------------------------------------------------------------------
@@ -241,13 +242,27 @@ class DPTrainingValidator(pl.Callback):
                                           f"(epsilon now {state['epsilon']:.3f})")
 
     def stop_for_budget(self, trainer: pl.Trainer, why: str) -> None:
-        """Ask Lightning to stop after this batch/epoch, and checkpoint the state reached."""
+        """Ask Lightning to stop after this batch/epoch; `on_train_end` checkpoints the state reached.
+
+        The checkpoint is not written here: `Trainer.save_checkpoint` ends in a barrier, and under
+        DDP this hook runs at a point where the ranks' collectives are not aligned (rank 0's progress
+        bar syncs the epoch metrics in its own `on_train_epoch_end`, the other ranks sync them later
+        in EarlyStopping), so a barrier here pairs with another rank's metric all-gather and hangs.
+        No step happens after the stop, so the weights and accountant saved at train end are the same.
+        """
         self.stopped_for_budget = True
         trainer.should_stop = True
+        self._stop_reason = why
+        log.warning("privacy: stopping training: %s", why)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # every rank reaches this hook once, after the loops, with no metric sync pending
+        if not self.stopped_for_budget:
+            return
         ckpt_cb = trainer.checkpoint_callback
         dirpath = Path(getattr(ckpt_cb, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints")
         trainer.save_checkpoint(str(dirpath / "privacy_budget_stop.ckpt"))
-        log.warning("privacy: stopping training: %s; checkpoint %s", why, dirpath / "privacy_budget_stop.ckpt")
+        log.warning("privacy: budget stop checkpoint %s", dirpath / "privacy_budget_stop.ckpt")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._private is None or not self.audit.get("enabled", True) or not trainer.is_global_zero:
@@ -301,6 +316,7 @@ class DPTrainingValidator(pl.Callback):
             "world_size": pt.world_size, "poisson_sampling": True, "secure_mode": pt.secure_mode,
             "grad_sample_mode": pt.grad_sample_mode, "requested_grad_sample_mode": pt.requested_grad_sample_mode,
             "grad_sample_fallback": pt.fallback_reason, "stopped_for_budget": self.stopped_for_budget,
+            "stop_reason": self._stop_reason,
             "n_train": self.params.get("n_train"),
             **self.audit_results,
             "version/opacus": opacus.__version__, "version/torch": torch.__version__,
