@@ -72,3 +72,15 @@ def test_sampler_shards_ranks_evenly(monkeypatch):
     sampler.set_epoch(1)
     monkeypatch.setattr(BatchIndexSampler, "_rank_world", lambda self: (0, 1))
     assert not np.array_equal(np.concatenate(list(sampler)), np.concatenate(list(BatchIndexSampler(103, 10, True, 1))))
+
+
+def test_training_batches_never_hold_a_single_row():
+    """A one-row tail joins the batch before it when shuffling (BatchNorm can't normalise one row)."""
+    from within.data.datamodule import BatchIndexSampler
+
+    s = BatchIndexSampler(801, 16, shuffle=True, seed=0)
+    sizes = [len(b) for b in s]
+    assert len(sizes) == len(s) == 50 and sizes[-1] == 17 and sum(sizes) == 801
+    assert sorted(np.concatenate(list(s))) == list(range(801))
+    evaluation = [len(b) for b in BatchIndexSampler(801, 16, shuffle=False)]
+    assert evaluation[-1] == 1 and len(evaluation) == 51

@@ -52,6 +52,8 @@ class BatchIndexSampler(Sampler[np.ndarray]):
     """Yields index arrays of one batch each; shuffles per epoch (seed + epoch) and shards across ranks.
 
     Under DDP every rank gets the same number of batches (indices wrap), so no rank waits forever.
+    When shuffling (training), a last batch of one row joins the batch before it: BatchNorm cannot
+    normalise a single row.
     """
 
     def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False) -> None:
@@ -78,14 +80,20 @@ class BatchIndexSampler(Sampler[np.ndarray]):
         idx = self._indices()
         per_rank = math.ceil(self.n / world)
         idx = np.resize(idx, per_rank * world)[rank::world]  # wrap so every rank has per_rank rows
-        stop = (len(idx) // self.batch_size) * self.batch_size if self.drop_last else len(idx)
-        for start in range(0, stop, self.batch_size):
-            yield idx[start : start + self.batch_size]
+        n_batches = self._n_batches(len(idx))
+        for b in range(n_batches):
+            end = len(idx) if b == n_batches - 1 and not self.drop_last else (b + 1) * self.batch_size
+            yield idx[b * self.batch_size : end]
+
+    def _n_batches(self, rows: int) -> int:
+        if self.drop_last:
+            return rows // self.batch_size
+        n = math.ceil(rows / self.batch_size)
+        return n - 1 if self.shuffle and n > 1 and rows % self.batch_size == 1 else n
 
     def __len__(self) -> int:
         _, world = self._rank_world()
-        per_rank = math.ceil(self.n / world)
-        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+        return self._n_batches(math.ceil(self.n / world))
 
 
 SPLITS = ("train", "val", "calib", "test")
