@@ -378,3 +378,28 @@ def test_knn_distances_are_great_circle_km():
     assert nb[0].tolist() == [2, 3]  # New York -> Chicago, then Houston
     np.testing.assert_allclose(dist[0], haversine_km(lat[0], lon[0], lat[[2, 3]], lon[[2, 3]]), rtol=1e-9)
     assert haversine_km(40.71, -74.01, 41.88, -87.63) == pytest.approx(1145, rel=0.01)
+
+
+def test_spline_cross_validated_regularization_is_chosen_and_kept():
+    rng = np.random.default_rng(5)
+    s = rng.normal(-3.0, 1.0, 20_000)
+    y = rng.binomial(1, 1 / (1 + np.exp(-(0.3 + 0.8 * s + 0.25 * np.sin(2 * s)))))
+    cal = SplineCalibrator(regularization="cv").fit(s, y)
+    assert set(cal.cv_scores_) == {f"{lam:g}" for lam in SplineCalibrator.CV_GRID}
+    best = min(cal.cv_scores_.values())
+    assert cal.cv_scores_[f"{cal.regularization_:g}"] == pytest.approx(best, rel=1e-9)
+    # the CV choice fits as well as the best fixed weight refitted on all rows (in-sample deviance)
+    fixed = SplineCalibrator(regularization=cal.regularization_).fit(s, y)
+    np.testing.assert_allclose(cal.transform(s), fixed.transform(s), rtol=1e-10)
+    back = calibrator_from_dict(json.loads(json.dumps(cal.to_dict())))
+    assert back.regularization == "cv" and back.regularization_ == cal.regularization_
+    np.testing.assert_array_equal(back.transform(s[:100]), cal.transform(s[:100]))
+    with pytest.raises(ValueError, match="regularization must be a number >= 0 or 'cv'"):
+        SplineCalibrator(regularization="auto")
+
+
+def test_geospatial_asks_the_predictor_for_coordinates_density_and_hour():
+    # AdScorePredictor.group_columns adds required_columns to the group fields: without them the
+    # spatial smoothing and the seasonal term were silently skipped
+    need = set(GeospatialCalibrator.required_columns)
+    assert {"latitude", "longitude", "population_density", "hour"} <= need

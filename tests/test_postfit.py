@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -118,3 +119,35 @@ def test_unknown_postfit_step_names_the_choices(tmp_path):
     ctx = PostfitContext(predictor=None, frames={}, out_dir=tmp_path, config={})
     with pytest.raises(ValueError, match=r"unknown step\(s\) \['calibrat'\]; available: .*'intervals'"):
         run_steps(["calibrat"], ctx, lambda c: None)
+
+
+class _Busy(torch.nn.Module):
+    """A network whose forward costs `work` matrix products: a stand-in for fp32 vs a faster copy."""
+
+    def __init__(self, work: int) -> None:
+        super().__init__()
+        self.work = work
+        self.inner = torch.nn.Linear(64, 64)
+
+    def forward(self, batch):
+        x = batch["x"]
+        for _ in range(self.work):
+            x = self.inner(x)
+        return x.sum(dim=1)
+
+
+def test_paired_timing_measures_a_real_speedup_and_its_noise_floor():
+    from within.postfit.quantize import compare_forward, time_breakdown
+
+    batch = [{"x": torch.randn(1024, 64)}]
+    slow, fast = _Busy(40).eval(), _Busy(4).eval()
+    with torch.no_grad():
+        t = compare_forward([slow], [fast], batch, repeats=15)
+        null = compare_forward([slow], [slow], batch, repeats=15)
+    assert t["speedup"] > 2.5, t  # 10x the work; generous for a loaded CPU
+    assert 0.4 < null["speedup"] < 2.5, null
+    assert t["threads"] == torch.get_num_threads() and t["repeats"] == 15
+    with torch.no_grad():
+        parts = time_breakdown(slow, batch[0], repeats=3)
+    assert set(parts) == {"inner", "total", "other"}
+    assert 0 < parts["inner"] <= parts["total"] * 1.05

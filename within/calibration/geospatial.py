@@ -107,6 +107,11 @@ class GeospatialCalibrator(Calibrator):
         max_iter: backfitting passes.
     """
 
+    # columns beyond the group fields that fit/transform read when present (coordinates and density
+    # for the spatial smoothing, hour / day_of_week for the seasonal term); AdScorePredictor.group_columns
+    # passes them, so the smoothing and seasonal steps are not silently skipped
+    required_columns = ("latitude", "longitude", "population_density", *SEASON_KEYS)
+
     def __init__(
         self,
         geo_level: str = "city",

@@ -1,32 +1,60 @@
 """Prediction intervals: for click probabilities (covering the TRUE probability) and for regression
 targets (split-conformal / CQR).
 
-Why not the binned moment estimate Var(p - p_hat) ~ mean((y - p_hat)^2) - mean(p_hat (1 - p_hat))?
-For Bernoulli y, E[(y - q)^2 | p] = p(1-p) + (p-q)^2 = q(1-q) + (p-q)(1-2q) exactly, so in a bin
-that estimate is (1 - 2q) * bias: the spread of the true p around p_hat cancels and cannot be
-read from single 0/1 outcomes. Only E[p | p_hat] is identified by labels alone; a spread needs
-structure. `ProbabilityIntervals` supplies it with an errors-in-variables model (Carroll et al.,
-"Measurement Error in Nonlinear Models", 2006): the score is a noisy reading of the true logit,
+Probabilities: a Berkson model for the truth given the score, with its spread identified by
+row pairs that share a unit
+------------------------------------------------------------------------------------------
+A trained model's logit s is a regression E[l | s]-like summary (shrunk toward the mean), so the
+true logit l scatters AROUND a function of s, not s around l. `ProbabilityIntervals` therefore
+uses a Berkson model (Carroll et al., "Measurement Error in Nonlinear Models", 2006, ch. 1, 6):
 
-    l ~ N(mu, s2_l),   s | l ~ N(l, s2_e(i)),   y | l ~ Bernoulli(sigmoid(l)),
+    l_i | s_i ~ N(a + b s_i, v_i),   y_i | l_i ~ Bernoulli(sigmoid(l_i)),   v_i = tau^2 (* h_i)
 
-with s2_e(i) = k0 (no ensemble) or k0 + k1 * sd(member logits)_i^2 (an ensemble's spread tells
-which rows are noisier, Lakshminarayanan et al. 2017). Then l | s ~ N(m_i, v_i) with
-b_i = s2_l / (s2_l + s2_e(i)), m_i = mu + b_i (s_i - mu), v_i = b_i s2_e(i). The two variances are
-identified jointly: the spread of s gives s2_l + s2_e, and the attenuation of the calibration curve
-P(y=1 | s) = E[sigmoid(l) | s] gives their split. All parameters are fitted by maximum likelihood
-of (s, y) (Gauss-Hermite for the logistic-normal integral). The interval is the central posterior
-interval [sigmoid(m - z v^0.5), sigmoid(m + z v^0.5)], and p = E[sigmoid(l) | s] is the calibrated
-probability. Assumption to keep in mind: scores are raw model logits with roughly Gaussian error
-around the truth, not logits that were already shrunk by another calibrator.
+and the calibrated probability is q_i = E[sigmoid(l_i) | s_i] (Gauss-Hermite). The interval is
+the central interval of l_i: [sigmoid(m_i - z sqrt(v_i)), sigmoid(m_i + z sqrt(v_i))], m_i = a + b s_i.
+
+What labels identify. Given s, the labels fix only q(s) = E[sigmoid(l) | s]: for single 0/1
+outcomes E[(y - q)^2 | s] = q (1 - q) whatever the spread, and in the click regime sigmoid(l) ~
+exp(l), so E[sigmoid(l) | s] ~ exp(a + b s + tau^2 / 2): tau^2 is confounded with the intercept.
+The marginal likelihood of (s, y) is flat in tau (on a 20k-row simulator calib split the profile
+log-likelihood moved by 0.5 nats between tau = 0 and tau = 0.6, the true value, and the maximum
+sat at tau = 0), so tau is NOT fitted by likelihood here.
+
+What identifies the spread: pairs of distinct rows that share a unit. Labels are independent
+given the truth, so for rows i != j
+
+    E[(y_i - q_i)(y_j - q_j)] = Cov(p_i, p_j)  ~  w_i w_j Cov(r_i, r_j),   w = q (1 - q),
+
+with r = l - m the residual logit (delta method). The residual is modelled as crossed random
+effects over unit keys (each key a field, or a pair of fields, e.g. ad, ad x placement, city x
+hour): r_i = sum_k u_k[key_k(i)], u_k ~ N(0, tau_k^2), so Cov(r_i, r_j) = sum_k tau_k^2 [key_k(i)
+= key_k(j)]. Summing the products over all pairs that share key k gives one moment equation per
+key, P_k = sum_l S_kl tau_l^2 with S_kl = sum over pairs sharing k and l of w_i w_j; the tau_k^2
+solve it by non-negative least squares (method of moments for crossed random effects, in the
+spirit of Henderson's method and Gao & Owen, "Efficient moment calculations for variance
+components in large unbalanced crossed random effects models", EJS 2017). tau^2 = sum_k tau_k^2
+is the variance of the truth around a + b s that the keys can see. a, b are then fitted by
+maximum likelihood with tau^2 fixed, and the two steps alternate (q depends on a, b, tau).
+
+Assumptions (say them when quoting coverage): the residual is (close to) a sum of effects of the
+keys and their pairs; a part unique to a single row, shared by no pair, is not seen, which
+narrows the interval. The estimate is a moment estimate from click products, so it needs many
+pairs: at 3% CTR a few hundred thousand pairs per key (tens of thousands of calib rows) before
+the noise is small. With an ensemble, the identified tau^2 is spread over rows in proportion to
+the members' disagreement (h_i = u_i^2 / mean(u^2), clipped to [1/4, 4] and renormalised to mean
+1, Lakshminarayanan et al. 2017 for the disagreement as a noise signal). Without keys the spread
+is not identified: pass `residual_var` to set tau^2 yourself, or keys.
 """
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize
+import pandas as pd
+from scipy.optimize import minimize, nnls
 from scipy.special import expit
 from scipy.stats import norm
 
@@ -34,6 +62,7 @@ from within.calibration.base import check_labels, check_scores
 
 _GH_X, _GH_W = np.polynomial.hermite.hermgauss(24)
 _GH_W = _GH_W / math.sqrt(math.pi)
+_H_CLIP = (0.25, 4.0)
 
 
 def coverage(lo: Any, hi: Any, target: Any) -> float:
@@ -67,88 +96,197 @@ def _member_var(member_logits: Any, n: int) -> np.ndarray:
     return m.var(axis=1, ddof=1)
 
 
+def _gh_mean(m: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """E[sigmoid(l)] for l ~ N(m, v), Gauss-Hermite."""
+    return expit(m[:, None] + np.sqrt(2 * v)[:, None] * _GH_X[None, :]) @ _GH_W
+
+
+def _codes(values: Any, n: int, name: str) -> np.ndarray:
+    a = np.asarray(values)
+    if a.shape != (n,):
+        raise ValueError(f"keys[{name!r}]: expected shape ({n},), got {a.shape}")
+    return pd.factorize(pd.Series(a).astype(str), sort=False)[0].astype(np.int64)
+
+
+def _combine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Codes of the pair key (a, b), 0..K-1."""
+    return pd.factorize(a * (int(b.max()) + 1) + b, sort=False)[0].astype(np.int64)
+
+
+def _pair_sum(code: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """sum over ordered pairs i != j with code_i == code_j of a_i b_j."""
+    k = int(code.max()) + 1
+    return float((np.bincount(code, a, k) * np.bincount(code, b, k) - np.bincount(code, a * b, k)).sum())
+
+
+def finest_fields(keys: Mapping[str, Any], n: int) -> dict[str, np.ndarray]:
+    """Codes of the fields in `keys`, without a field that another field nests (state when city is
+    there): pairs sharing the finer field share the coarser one, so its effect is already in the
+    finer field's variance, and keeping both only adds collinear moment equations."""
+    codes = {k: _codes(v, n, k) for k, v in keys.items()}
+    drop = set()
+    for a, b in itertools.permutations(codes, 2):
+        if a in drop or b in drop:
+            continue
+        ca, cb = codes[a], codes[b]
+        if int(ca.max()) > int(cb.max()) and len(pd.unique(_combine(ca, cb))) == int(ca.max()) + 1:
+            drop.add(b)  # every value of a sits in one value of b: b is coarser
+        elif len(pd.unique(_combine(ca, cb))) == int(ca.max()) + 1 == int(cb.max()) + 1 and a < b:
+            drop.add(b)  # the same partition under two names
+    return {k: c for k, c in codes.items() if k not in drop}
+
+
+def crossed_error_variance(
+    resid: np.ndarray, w: np.ndarray, fields: Mapping[str, np.ndarray], pairs: bool = True
+) -> dict[str, float]:
+    """tau_k^2 per key (fields and, with `pairs`, every pair of fields) from the moment equations in
+    the module docstring. `resid` = y - n q (click residuals), `w` = n q (1 - q), fields = codes."""
+    names = list(fields)
+    keys: list[tuple[str, ...]] = [(f,) for f in names]
+    if pairs:
+        keys += list(itertools.combinations(names, 2))
+    cache: dict[tuple[str, ...], np.ndarray] = {}
+
+    def code(key: tuple[str, ...]) -> np.ndarray:
+        key = tuple(sorted(set(key)))
+        if key not in cache:
+            c = fields[key[0]]
+            for f in key[1:]:
+                c = _combine(c, fields[f])
+            cache[key] = c
+        return cache[key]
+
+    k = len(keys)
+    P = np.array([_pair_sum(code(key), resid, resid) for key in keys])
+    S = np.zeros((k, k))
+    for i, j in itertools.combinations_with_replacement(range(k), 2):
+        S[i, j] = S[j, i] = _pair_sum(code(keys[i] + keys[j]), w, w)
+    ok = np.diag(S) > 0
+    tau2 = np.zeros(k)
+    if ok.any():
+        scale = np.sqrt(np.diag(S)[ok])  # each equation per unit of its own information
+        tau2[ok], _ = nnls(S[np.ix_(ok, ok)] / scale[:, None], P[ok] / scale)
+    return {"x".join(key): float(t) for key, t in zip(keys, tau2)}
+
+
 class ProbabilityIntervals:
     """Intervals for the true click probability from logits (see module docstring for the model).
 
     Args:
-        max_fit_rows: rows used for the maximum-likelihood fit (a random subset beyond this; five
-            parameters need far fewer rows than a calibrator, and it bounds the fit time).
+        max_fit_rows: rows used for the fit (a random subset beyond this).
         seed: for that subset.
+        pairs: also use pairs of key fields as keys (interactions such as ad x placement).
+        residual_var: fix tau^2 instead of estimating it from keys (e.g. from a validation with
+            known truth); None estimates it and then `fit` needs keys.
+        n_rounds: alternations of (a, b | tau^2) and (tau^2 | a, b).
     """
 
-    def __init__(self, max_fit_rows: int = 200_000, seed: int = 0) -> None:
+    def __init__(self, max_fit_rows: int = 200_000, seed: int = 0, pairs: bool = True,
+                 residual_var: float | None = None, n_rounds: int = 3) -> None:
         if int(max_fit_rows) < 100:
             raise ValueError(f"max_fit_rows must be >= 100, got {max_fit_rows}")
+        if residual_var is not None and not (np.isfinite(residual_var) and float(residual_var) >= 0):
+            raise ValueError(f"residual_var must be a finite value >= 0 or None, got {residual_var}")
+        if int(n_rounds) < 1:
+            raise ValueError(f"n_rounds must be >= 1, got {n_rounds}")
         self.max_fit_rows = int(max_fit_rows)
         self.seed = int(seed)
+        self.pairs = bool(pairs)
+        self.residual_var = None if residual_var is None else float(residual_var)
+        self.n_rounds = int(n_rounds)
         self.params_: dict[str, float] = {}
+        self.components_: dict[str, float] = {}
         self.uses_members_ = False
         self.fitted_ = False
 
     @staticmethod
-    def _posterior(s: np.ndarray, u2: np.ndarray, mu: float, s2l: float, k0: float, k1: float):
-        s2e = k0 + k1 * u2
-        b = s2l / (s2l + s2e)
-        return mu + b * (s - mu), b * s2e, s2l + s2e
+    def _fit_ab(s: np.ndarray, v: np.ndarray, clicks: np.ndarray, imps: np.ndarray, x0: np.ndarray) -> np.ndarray:
+        total = float(imps.sum())
 
-    def fit(self, scores_logit: Any, y: Any, member_logits: Any = None, weight: Any = None) -> ProbabilityIntervals:
+        def nll(th: np.ndarray) -> float:
+            q = np.clip(_gh_mean(th[0] + th[1] * s, v), 1e-12, 1 - 1e-12)
+            return float(-(clicks * np.log(q) + (imps - clicks) * np.log1p(-q)).sum() / total)
+
+        res = minimize(nll, x0, method="L-BFGS-B", bounds=[(None, None), (1e-6, None)])
+        if not np.all(np.isfinite(res.x)):
+            raise RuntimeError(f"ProbabilityIntervals: fit of a, b failed ({res.message})")
+        return res.x
+
+    @staticmethod
+    def _shape(u2: np.ndarray, mean_u2: float) -> np.ndarray:
+        return np.clip(u2 / max(mean_u2, 1e-12), *_H_CLIP)
+
+    def fit(self, scores_logit: Any, y: Any, keys: Mapping[str, Any] | None = None, member_logits: Any = None,
+            weight: Any = None) -> ProbabilityIntervals:
+        """Fit on held-out (calib) logits and labels. `keys`: {field: array[N]} of unit ids whose
+        rows share parts of the model's error (ad / creative ids, categorical fields, regions);
+        required unless `residual_var` is set."""
         s = check_scores(scores_logit, "scores_logit")
         n = s.shape[0]
         clicks, imps = check_labels(y, n, weight)
+        if self.residual_var is None and not keys:
+            raise ValueError(
+                "ProbabilityIntervals: the spread of the true probability around the score is not identified "
+                "from 0/1 labels alone; pass keys={field: ids} (rows that share a unit, e.g. ad_id, placement) "
+                "or set residual_var")
         self.uses_members_ = member_logits is not None
-        u2 = _member_var(member_logits, n) if self.uses_members_ else np.zeros(n)
+        u2 = _member_var(member_logits, n) if self.uses_members_ else np.ones(n)
+        key_arrays = {k: np.asarray(v) for k, v in (keys or {}).items()}
         if n > self.max_fit_rows:
             keep = np.random.default_rng(self.seed).choice(n, self.max_fit_rows, replace=False)
             s, u2, clicks, imps = s[keep], u2[keep], clicks[keep], imps[keep]
-        var_s = float(np.var(s)) + 1e-6
-        total = float(imps.sum())
-
-        def unpack(th: np.ndarray) -> tuple[float, float, float, float]:
-            k1 = float(np.exp(th[3])) if self.uses_members_ else 0.0
-            return float(th[0]), float(np.exp(th[1])), float(np.exp(th[2])), k1
-
-        def nll(th: np.ndarray) -> float:
-            mu, s2l, k0, k1 = unpack(th)
-            m, v, tot = self._posterior(s, u2, mu, s2l, k0, k1)
-            eta = m[:, None] + np.sqrt(2 * v)[:, None] * _GH_X[None, :]
-            q = np.clip(expit(eta) @ _GH_W, 1e-12, 1 - 1e-12)
-            ll_y = clicks * np.log(q) + (imps - clicks) * np.log1p(-q)
-            ll_s = -0.5 * (np.log(2 * np.pi * tot) + (s - mu) ** 2 / tot)
-            return float(-(ll_y.sum() + ll_s.sum()) / total)
-
-        th0 = [float(np.mean(s)), math.log(0.8 * var_s), math.log(0.2 * var_s)]
-        if self.uses_members_:
-            th0.append(math.log(max(0.2 * var_s / max(float(np.mean(u2)), 1e-6), 1e-6)))
-        res = minimize(nll, np.asarray(th0), method="L-BFGS-B",
-                       bounds=[(None, None)] + [(-20.0, 10.0)] * (len(th0) - 1))
-        if not np.all(np.isfinite(res.x)):
-            raise RuntimeError(f"ProbabilityIntervals: fit failed ({res.message})")
-        mu, s2l, k0, k1 = unpack(res.x)
-        self.params_ = {"mu": mu, "var_logit": s2l, "noise_var": k0, "noise_var_per_member_var": k1}
+            key_arrays = {k: v[keep] if np.asarray(v).shape == (n,) else v for k, v in key_arrays.items()}
+            n = s.shape[0]
+        mean_u2 = float(np.mean(u2))
+        h_raw = self._shape(u2, mean_u2)
+        mean_h = float(h_raw.mean())
+        h = h_raw / mean_h
+        fields = finest_fields(key_arrays, n) if self.residual_var is None else {}
+        tau2 = self.residual_var if self.residual_var is not None else 0.0
+        ab = np.array([0.0, 1.0])
+        comps: dict[str, float] = {}
+        for _ in range(self.n_rounds if self.residual_var is None else 1):
+            ab = self._fit_ab(s, tau2 * h, clicks, imps, ab)
+            if self.residual_var is not None:
+                break
+            m = ab[0] + ab[1] * s
+            q = _gh_mean(m, tau2 * h)
+            # the row's spread enters the pair products as sqrt(h_i h_j): scale the residuals by it
+            resid, w = (clicks - imps * q) / np.sqrt(h), imps * q * (1 - q)
+            comps = crossed_error_variance(resid, w, fields, pairs=self.pairs)
+            tau2 = float(sum(comps.values()))
+        ab = self._fit_ab(s, tau2 * h, clicks, imps, ab) if self.residual_var is None else ab
+        self.params_ = {"a": float(ab[0]), "b": float(ab[1]), "tau2": float(tau2), "mean_member_var": mean_u2,
+                        "mean_h": mean_h}
+        self.components_ = comps
         self.fitted_ = True
         return self
 
     def _post(self, scores_logit: Any, member_logits: Any) -> tuple[np.ndarray, np.ndarray]:
         if not self.fitted_:
-            raise RuntimeError("ProbabilityIntervals: not fitted; call fit(scores_logit, y) first")
+            raise RuntimeError("ProbabilityIntervals: not fitted; call fit(scores_logit, y, keys=...) first")
         s = check_scores(scores_logit, "scores_logit")
         if self.uses_members_ and member_logits is None:
             raise ValueError("member_logits: fitted with an ensemble spread; pass member_logits [N, M] here too")
-        u2 = _member_var(member_logits, s.shape[0]) if self.uses_members_ else np.zeros(s.shape[0])
         pr = self.params_
-        m, v, _ = self._posterior(s, u2, pr["mu"], pr["var_logit"], pr["noise_var"], pr["noise_var_per_member_var"])
-        return m, v
+        if self.uses_members_:
+            # the same shape as in fit, renormalised with the fit's mean so a row's width does not
+            # depend on the other rows of the batch
+            h = self._shape(_member_var(member_logits, s.shape[0]), pr["mean_member_var"]) / pr.get("mean_h", 1.0)
+        else:
+            h = np.ones(s.shape[0])
+        return pr["a"] + pr["b"] * s, pr["tau2"] * h
 
     def predict(self, scores_logit: Any, member_logits: Any = None) -> np.ndarray:
         """Calibrated probability E[sigmoid(l) | s]."""
         m, v = self._post(scores_logit, member_logits)
-        return expit(m[:, None] + np.sqrt(2 * v)[:, None] * _GH_X[None, :]) @ _GH_W
+        return _gh_mean(m, v)
 
     def interval(self, scores_logit: Any, alpha: float = 0.1, member_logits: Any = None):
         """(p, lo, hi): calibrated probability and a central 1 - alpha interval for the true one."""
         z = norm.ppf(1 - _check_alpha(alpha) / 2)
         m, v = self._post(scores_logit, member_logits)
-        p = expit(m[:, None] + np.sqrt(2 * v)[:, None] * _GH_X[None, :]) @ _GH_W
+        p = _gh_mean(m, v)
         sd = np.sqrt(v)
         lo, hi = expit(m - z * sd), expit(m + z * sd)
         return p, np.minimum(lo, p), np.maximum(hi, p)
@@ -156,16 +294,22 @@ class ProbabilityIntervals:
     def to_dict(self) -> dict[str, Any]:
         if not self.fitted_:
             raise RuntimeError("ProbabilityIntervals: not fitted; call fit first")
-        return {"type": "probability_intervals", "params": {"max_fit_rows": self.max_fit_rows, "seed": self.seed},
-                "state": {"params": self.params_, "uses_members": self.uses_members_}}
+        return {"type": "probability_intervals",
+                "params": {"max_fit_rows": self.max_fit_rows, "seed": self.seed, "pairs": self.pairs,
+                           "residual_var": self.residual_var, "n_rounds": self.n_rounds},
+                "state": {"params": self.params_, "components": self.components_, "uses_members": self.uses_members_}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ProbabilityIntervals:
         if d.get("type") != "probability_intervals":
             raise ValueError(f"ProbabilityIntervals.from_dict: expected type 'probability_intervals', got {d.get('type')!r}")
+        state = d["state"]
+        if not {"a", "b", "tau2"} <= set(state.get("params", {})):
+            raise ValueError("ProbabilityIntervals.from_dict: state lacks a, b, tau2 (a file from an older version?)")
         obj = cls(**d["params"])
-        obj.params_ = {k: float(v) for k, v in d["state"]["params"].items()}
-        obj.uses_members_ = bool(d["state"]["uses_members"])
+        obj.params_ = {k: float(v) for k, v in state["params"].items()}
+        obj.components_ = {k: float(v) for k, v in state.get("components", {}).items()}
+        obj.uses_members_ = bool(state["uses_members"])
         obj.fitted_ = True
         return obj
 

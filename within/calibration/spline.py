@@ -40,12 +40,18 @@ def _ispline_basis(s: np.ndarray, knots: np.ndarray, order: int) -> np.ndarray:
     return cum[:, 1:]
 
 
-def _make_knots(s: np.ndarray, n_knots: int, spacing: str) -> np.ndarray:
+def _make_knots(s: np.ndarray, n_knots: int, spacing: str, weight: np.ndarray | None = None) -> np.ndarray:
     lo, hi = float(s.min()), float(s.max())
     if hi - lo < 1e-9:
         hi = lo + 1e-3
-    if spacing == "quantile":
-        inner = np.quantile(s, np.linspace(0, 1, n_knots)[1:-1])
+    levels = np.linspace(0, 1, n_knots)[1:-1]
+    if spacing == "quantile" and weight is not None and np.ptp(weight) > 0:
+        # aggregated rows: equal IMPRESSION mass between knots, not equal row counts
+        order = np.argsort(s, kind="stable")
+        cw = np.cumsum(weight[order])
+        inner = np.interp(levels * cw[-1], cw - weight[order] / 2, s[order])
+    elif spacing == "quantile":
+        inner = np.quantile(s, levels)
     else:
         inner = np.linspace(lo, hi, n_knots)[1:-1]
     inner = np.unique(inner[(inner > lo + 1e-9) & (inner < hi - 1e-9)])
@@ -61,10 +67,11 @@ class _MonotoneSpline:
     @classmethod
     def fit(cls, s: np.ndarray, clicks: np.ndarray, imps: np.ndarray, n_knots: int, spacing: str,
             order: int, lam: float) -> _MonotoneSpline:
-        knots = _make_knots(s, n_knots, spacing)
+        knots = _make_knots(s, n_knots, spacing, imps)
         basis = _ispline_basis(s, knots, order)
         x = np.column_stack([np.ones_like(s), s, basis])
-        total = max(float(imps.sum()), 1e-12)
+        # per click, not per impression: the ridge weight then means the same at a 0.02% and a 3% rate
+        total = max(float(clicks.sum()), 1.0)
         n_beta = basis.shape[1]
 
         def f(theta: np.ndarray) -> tuple[float, np.ndarray]:
@@ -110,22 +117,34 @@ class SplineCalibrator(Calibrator):
         knot_spacing: 'quantile' (equal-mass knots, the default) or 'uniform' in the logit.
         spline_order: B-spline degree (3 = cubic).
         regularization: ridge weight on the I-spline coefficients; larger -> closer to Platt.
+            'cv' picks it from CV_GRID by CV_FOLDS-fold cross-validated binomial deviance (folds
+            interleaved along the sorted scores, so each fold spans the whole score range): the
+            fixed weight is per impression, so the right one depends on the calibration set's
+            size and click count.
     """
 
+    CV_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    CV_FOLDS = 5
+
     def __init__(self, n_knots: int = 10, knot_spacing: str = "quantile", spline_order: int = 3,
-                 regularization: float = 1e-3) -> None:
+                 regularization: float | str = 1e-3) -> None:
         if int(n_knots) < 2:
             raise ValueError(f"n_knots must be >= 2 (boundary knots included), got {n_knots}")
         if knot_spacing not in ("quantile", "uniform"):
             raise ValueError(f"knot_spacing must be 'quantile' or 'uniform', got {knot_spacing!r}")
         if int(spline_order) < 1:
             raise ValueError(f"spline_order must be >= 1, got {spline_order}")
-        if float(regularization) < 0:
-            raise ValueError(f"regularization must be >= 0, got {regularization}")
+        if isinstance(regularization, str):
+            if regularization != "cv":
+                raise ValueError(f"regularization must be a number >= 0 or 'cv', got {regularization!r}")
+        elif float(regularization) < 0:
+            raise ValueError(f"regularization must be >= 0 or 'cv', got {regularization}")
         self.n_knots = int(n_knots)
         self.knot_spacing = knot_spacing
         self.spline_order = int(spline_order)
-        self.regularization = float(regularization)
+        self.regularization = regularization if isinstance(regularization, str) else float(regularization)
+        self.regularization_: float = float("nan")  # the weight used (the CV choice with 'cv')
+        self.cv_scores_: dict[str, float] = {}
         self.splines_: list[_MonotoneSpline] = []
         self.n_classes_: int | None = None
         self.ks_error_: float = float("nan")
@@ -158,6 +177,9 @@ class SplineCalibrator(Calibrator):
               "lam": self.regularization}
         if s.ndim == 1:
             clicks, imps = check_labels(y_true, s.shape[0], weight)
+            if self.regularization == "cv":
+                kw["lam"] = self._cv_lambda(s, clicks, imps)
+            self.regularization_ = float(kw["lam"])
             self.n_classes_ = None
             self.splines_ = [_MonotoneSpline.fit(s, clicks, imps, **kw)]
             self.fitted_ = True
@@ -175,6 +197,9 @@ class SplineCalibrator(Calibrator):
                 raise ValueError(f"y_true: multi-class labels must be integers in [0, {k}) of shape ({n},)")
             ovr = self._ovr_logits(s)
             onehot = (yt[:, None] == np.arange(k)[None, :]).astype(np.float64)
+            if self.regularization == "cv":  # one weight for all classes, by their summed deviance
+                kw["lam"] = self._cv_lambda(ovr, onehot, np.ones_like(onehot))
+            self.regularization_ = float(kw["lam"])
             self.n_classes_ = k
             self.splines_ = [_MonotoneSpline.fit(ovr[:, j], onehot[:, j], np.ones(n), **kw) for j in range(k)]
             self.fitted_ = True
@@ -187,6 +212,31 @@ class SplineCalibrator(Calibrator):
         pa, ya = _reliability(p_a, y_diag)
         self.diagnostics_ = {"before_p": pb, "before_y": yb, "after_p": pa, "after_y": ya}
         return self
+
+    def _cv_lambda(self, s: np.ndarray, clicks: np.ndarray, imps: np.ndarray) -> float:
+        """The CV_GRID weight with the least held-out binomial deviance (ties: the larger weight).
+        s, clicks, imps are [N] (binary) or [N, K] (one-vs-rest columns, deviances summed)."""
+        s2, c2, i2 = (a.reshape(a.shape[0], -1) for a in (s, clicks, imps))
+        n = s2.shape[0]
+        folds = min(self.CV_FOLDS, n // 2)
+        if folds < 2:
+            return float(max(self.CV_GRID))
+        fold = np.empty(n, dtype=np.int64)
+        fold[np.argsort(s2[:, 0], kind="stable")] = np.arange(n) % folds
+        scores = {}
+        for lam in self.CV_GRID:
+            dev = 0.0
+            for f in range(folds):
+                tr, te = fold != f, fold == f
+                for j in range(s2.shape[1]):
+                    sp = _MonotoneSpline.fit(s2[tr, j], c2[tr, j], i2[tr, j], self.n_knots, self.knot_spacing,
+                                             self.spline_order, lam)
+                    eta = sp.logit(s2[te, j])
+                    dev -= float((c2[te, j] * log_expit(eta) + (i2[te, j] - c2[te, j]) * log_expit(-eta)).sum())
+            scores[lam] = dev
+        self.cv_scores_ = {f"{lam:g}": v for lam, v in scores.items()}
+        best = min(scores.values())
+        return float(max(lam for lam, v in scores.items() if v <= best + 1e-9 * abs(best)))
 
     def transform_logit(self, y_pred: Any, groups: dict | None = None) -> np.ndarray:
         self._require_fitted()
@@ -219,6 +269,7 @@ class SplineCalibrator(Calibrator):
             ],
             "ks_error": self.ks_error_,
             "ks_error_before": self.ks_error_before_,
+            "regularization_used": self.regularization_,
         }
 
     def plot_calibration_curve(self, path: str | Path) -> Path:
@@ -250,6 +301,7 @@ class SplineCalibrator(Calibrator):
 
     def _state(self) -> dict[str, Any]:
         return {"n_classes": self.n_classes_, "splines": [sp.state() for sp in self.splines_],
+                "regularization_used": self.regularization_, "cv_scores": self.cv_scores_,
                 "ks_error": self.ks_error_, "ks_error_before": self.ks_error_before_,
                 "diagnostics": self.diagnostics_}
 
@@ -262,3 +314,5 @@ class SplineCalibrator(Calibrator):
         self.ks_error_ = float(state["ks_error"])
         self.ks_error_before_ = float(state["ks_error_before"])
         self.diagnostics_ = dict(state["diagnostics"])
+        self.regularization_ = float(state.get("regularization_used", float("nan")))
+        self.cv_scores_ = {str(k): float(v) for k, v in state.get("cv_scores", {}).items()}

@@ -1,13 +1,36 @@
 """Post-fit step `intervals`: intervals for the TRUE click probability, fitted on the calib split.
 
-`ProbabilityIntervals` expects raw model logits (not logits a calibrator already shrank); with an
-ensemble it also takes the member logits, whose spread says which rows are noisier.
+`ProbabilityIntervals` (within/calibration/intervals.py) regresses the truth on the raw logit
+(a Berkson model) and identifies the spread from pairs of calib rows that share a unit. The units
+are, by default, every categorical and group field of the feature spec plus a `content` key (the
+text fields together: rows showing the same creative); `intervals.keys: [col, ...]` in the run
+config replaces that list with frame columns of your choice. With an ensemble it also takes the
+member logits, whose spread says which rows are noisier.
 """
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from within.postfit.context import PostfitContext, labels_of
+
+CONTENT_KEY = "content"
+
+
+def interval_keys(predictor, frame: pd.DataFrame, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+    """{key: values} of the units whose rows share parts of the model's error (see module docstring)."""
+    if columns:
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise ValueError(f"intervals.keys: columns {missing} are not in the calib frame (have {sorted(frame.columns)[:30]})")
+        return {c: frame[c].to_numpy() for c in columns}
+    spec = predictor.processor.spec
+    names = [f.name for f in spec.of_type("categorical") + spec.groups]
+    keys = {c: frame[c].to_numpy() for c in dict.fromkeys(names) if c in frame.columns}
+    text = [f.name for f in spec.text if f.name in frame.columns]
+    if text:
+        keys[CONTENT_KEY] = frame[text].astype(str).agg("\x1f".join, axis=1).to_numpy()
+    return keys
 
 
 class Intervals:
@@ -23,13 +46,19 @@ class Intervals:
         split, frame = ctx.calibration_frame()
         logits, members = ctx.predictor.logits_with_members(frame)
         y, w = labels_of(ctx.predictor, frame)
+        columns = settings.get("keys")
+        keys = interval_keys(ctx.predictor, frame, list(columns) if columns else None)
         intervals = ProbabilityIntervals(max_fit_rows=int(settings.get("max_fit_rows", 200_000)),
-                                         seed=int(settings.get("seed", 0)))
-        intervals.fit(logits, y, member_logits=members, weight=w)
+                                         seed=int(settings.get("seed", 0)),
+                                         pairs=bool(settings.get("pairs", True)),
+                                         residual_var=settings.get("residual_var"))
+        intervals.fit(logits, y, keys=keys, member_logits=members, weight=w)
         ctx.predictor.intervals = intervals
         ctx.metrics.update(interval_metrics(ctx.predictor, frame, split, alpha))
         ctx.metadata["intervals"] = {"split": split, "alpha": alpha, "uses_members": members is not None,
-                                     "params": intervals.params_}
+                                     "method": "berkson_crossed_moments", "keys": sorted(keys),
+                                     "params": intervals.params_,
+                                     "components": {k: v for k, v in intervals.components_.items() if v > 0}}
 
 
 def interval_metrics(predictor, frame, split: str = "test", alpha: float = 0.1) -> dict[str, float]:

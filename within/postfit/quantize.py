@@ -5,6 +5,14 @@ The int8 file (`export/model_int8.safetensors`) stores each dynamically quantize
 weights + scale + zero point and every other tensor as is, so `load_int8(bundle)` rebuilds the
 quantized network from plain arrays. It is written only when the rebuilt network reproduces the
 in-memory one exactly; otherwise the step records why and the fp32 bundle stays the artifact.
+
+Timing (`compare_forward`): the same batch, the same thread count, warm-up, then fp32 and int8
+forwards in alternation, and the speedup as the median of the per-pair ratios, so load from other
+processes on a shared CPU hits both sides alike; the same measurement of fp32 against itself is
+reported as the noise floor (`null_speedup_fp32_vs_fp32`). `time_breakdown_ms` says where a
+forward pass spends its time: int8 dynamic quantization only touches Linear layers, and on the
+default network the small-image CNN, the cross-modal attention and the modality fusion take most
+of it, which bounds what int8 can gain.
 """
 from __future__ import annotations
 
@@ -41,17 +49,71 @@ def swapped_nets(members: list[Any], nets: list[nn.Module]) -> Iterator[None]:
 
 
 @torch.no_grad()
-def time_forward(nets: list[nn.Module], batch: list[dict[str, torch.Tensor]], repeats: int = 5) -> float:
-    """Median seconds for one forward pass of every network on its batch (after warm-up)."""
-    for net, b in zip(nets, batch):
-        net(b)  # warm-up
-    times = []
-    for _ in range(repeats):
+def compare_forward(fp32: list[nn.Module], int8: list[nn.Module], batch: list[dict[str, torch.Tensor]],
+                    repeats: int = 21, warmup: int = 3) -> dict[str, float]:
+    """Paired timing of the fp32 and int8 networks on the SAME batch with the SAME thread count.
+
+    Both are warmed up `warmup` times, then timed in alternation (fp32, int8, fp32, int8, ...),
+    so a slowdown from other processes on a shared machine hits both alike; the speedup is the
+    median of the per-pair ratios (and the ratio of the medians is reported beside it).
+    """
+    threads = torch.get_num_threads()
+
+    def once(nets: list[nn.Module]) -> float:
         start = time.perf_counter()
         for net, b in zip(nets, batch):
             net(b)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        return time.perf_counter() - start
+
+    for _ in range(max(warmup, 1)):
+        once(fp32)
+        once(int8)
+    t32, t8 = [], []
+    for _ in range(max(repeats, 1)):
+        t32.append(once(fp32))
+        t8.append(once(int8))
+        if torch.get_num_threads() != threads:
+            raise RuntimeError("quantize timing: the torch thread count changed during the measurement")
+    t32, t8 = np.asarray(t32), np.asarray(t8)
+    return {"fp32_s": float(np.median(t32)), "int8_s": float(np.median(t8)),
+            "speedup": float(np.median(t32 / t8)), "speedup_of_medians": float(np.median(t32) / np.median(t8)),
+            "fp32_iqr_s": float(np.subtract(*np.percentile(t32, [75, 25]))),
+            "int8_iqr_s": float(np.subtract(*np.percentile(t8, [75, 25]))),
+            "repeats": int(t32.size), "threads": threads}
+
+
+@torch.no_grad()
+def time_breakdown(net: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 7) -> dict[str, float]:
+    """Median milliseconds per top-level submodule (forward hooks) and for the whole forward;
+    `other` is the rest (fusing modality vectors, masking)."""
+    spent: dict[str, list[float]] = {}
+    hooks = []
+    for name, mod in net.named_children():
+        def pre(_m, _i, name=name):
+            spent.setdefault(name, []).append(-time.perf_counter())
+
+        def post(_m, _i, _o, name=name):
+            spent[name][-1] += time.perf_counter()
+
+        hooks += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    try:
+        net(batch)
+        spent.clear()
+        total = []
+        for _ in range(max(repeats, 1)):
+            start = time.perf_counter()
+            net(batch)
+            total.append(time.perf_counter() - start)
+    finally:
+        for h in hooks:
+            h.remove()
+    reps = len(total)
+    # a child called several times per forward (an encoder per field) adds up within one forward
+    out = {k: 1e3 * float(np.median(np.asarray(v).reshape(reps, -1).sum(axis=1))) for k, v in spent.items()
+           if len(v) % reps == 0}
+    out["total"] = 1e3 * float(np.median(total))
+    out["other"] = max(out["total"] - sum(v for k, v in out.items() if k != "total"), 0.0)
+    return out
 
 
 def _plain_tensors(qnet: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
@@ -128,6 +190,13 @@ def load_int8(bundle: str | Path, int8_file: str | Path | None = None) -> Any:
     return predictor
 
 
+def _backend(qnet: nn.Module) -> str:
+    """'torch.ao dynamic' when quantize() built torch.ao dynamic Linear layers, else 'torchao'."""
+    if any(isinstance(m, _QLINEAR_TYPES) for m in qnet.modules()):
+        return "torch.ao.quantization.quantize_dynamic"
+    return "torchao Int8DynamicActivationInt8WeightConfig"
+
+
 class Quantize:
     """int8 copies via the model's quantize(); test AUC / log loss change and speedup at batch 1024."""
 
@@ -138,7 +207,7 @@ class Quantize:
 
         settings = ctx.settings("quantize")
         batch_size = int(settings.get("batch_size", 1024))
-        repeats = int(settings.get("repeats", 5))
+        repeats = int(settings.get("repeats", 21))  # paired fp32/int8 repeats (compare_forward)
         members = members_of(ctx.predictor)
         if not all(callable(getattr(getattr(m, "net", None), "quantize", None)) for m in members):
             log.warning("postfit quantize: a network has no quantize(); skipped")
@@ -158,16 +227,22 @@ class Quantize:
             p8 = np.asarray(ctx.predictor.predict(frame))
         sample = frame.sample(n=batch_size, replace=len(frame) < batch_size, random_state=0)
         batches = [{k: torch.as_tensor(v) for k, v in m.processor.transform(sample).items()} for m in members]
-        t32 = time_forward(fp32, batches, repeats)
-        t8 = time_forward(int8, batches, repeats)
+        timing = compare_forward(fp32, int8, batches, repeats)
+        # the same measurement of fp32 against itself: how far from 1 noise alone moves the ratio
+        timing["null_speedup_fp32_vs_fp32"] = compare_forward(fp32, fp32, batches, repeats)["speedup"]
         ctx.metrics.update({
             "quantize/auc_delta": auc(p8, y, weight=w) - auc(p32, y, weight=w),
             "quantize/logloss_delta": logloss(p8, y, weight=w) - logloss(p32, y, weight=w),
-            f"quantize/speedup_b{batch_size}": t32 / t8,
+            f"quantize/speedup_b{batch_size}": timing["speedup"],
             "quantize/max_abs_prob_diff": float(np.max(np.abs(p8 - p32))),
         })
-        info: dict[str, Any] = {"batch_size": batch_size, "fp32_ms": 1e3 * t32, "int8_ms": 1e3 * t8,
-                                "backend": type(int8[0]).__module__}
+        info: dict[str, Any] = {"batch_size": batch_size, "fp32_ms": 1e3 * timing["fp32_s"],
+                                "int8_ms": 1e3 * timing["int8_s"], "timing": timing,
+                                "backend": _backend(int8[0]),
+                                # where a forward pass spends its time (first member): int8 only
+                                # helps the Linear layers, so their share bounds the speedup
+                                "time_breakdown_ms": {"fp32": time_breakdown(fp32[0], batches[0]),
+                                                      "int8": time_breakdown(int8[0], batches[0])}}
         info.update(self._save(ctx, members, int8, batches))
         ctx.metadata["quantize"] = info
         (ctx.subdir("export") / "quantize.json").write_text(json.dumps(info, indent=2))

@@ -40,7 +40,9 @@ def report_sections(metrics: dict[str, float], split: str = "test", alpha: float
         sections["Field-level relative calibration error (Pan et al., 2020)"] = "\n".join(rows)
     if f"{split}/interval_width" in metrics:
         cov = metrics.get(f"{split}/interval_coverage_true")
-        lines = [f"Central {1 - alpha:.0%} intervals for the true click probability (ProbabilityIntervals).", "",
+        lines = [f"Central {1 - alpha:.0%} intervals for the true click probability (ProbabilityIntervals: "
+                 "the true logit regressed on the score, a Berkson model, with its spread estimated from "
+                 "calib rows that share a unit; see within/calibration/intervals.py).", "",
                  f"- mean width: {metrics[f'{split}/interval_width']:.5f}"]
         lines.append(f"- coverage of the true CTR: {cov:.4f} (target {1 - alpha:.2f})" if cov is not None
                      else "- coverage of the true CTR: no truth column in this data")
