@@ -358,7 +358,8 @@ def configure_privacy(cfg: DictConfig, module: AdScoreModule, datamodule: Any) -
     """Swap in the DP module and add DPTrainingValidator; refuse non-private settings before any step.
 
     Derives `noise_multiplier` with Opacus' get_noise_multiplier for max_epochs * floor(1/q)
-    steps when it is null; `target_delta` null -> 1/(10 N).
+    steps when it is null, under both the PRV and the RDP accountant, keeping the larger noise, so the
+    target holds whichever accountant recomputes it; `target_delta` null -> 1/(10 N).
     """
     p = privacy_settings(cfg)
     check_trainer(cfg)
@@ -384,7 +385,8 @@ def configure_privacy(cfg: DictConfig, module: AdScoreModule, datamodule: Any) -
                 "privacy.noise_multiplier and privacy.target_epsilon are both null: set a target epsilon "
                 "(the noise is derived from it) or the noise multiplier"
             )
-        sigma = noise_for_target(float(target), delta, q, steps, p["accountant"])
+        # the larger of the PRV and RDP answers: the target holds whichever accountant recomputes it
+        sigma = max(noise_for_target(float(target), delta, q, steps, mech) for mech in ("prv", "rdp"))
         log.info("privacy: noise_multiplier %.4g gives epsilon <= %s after %d steps (q=%.4g, delta=%.3g)",
                  sigma, target, steps, q, delta)
     validator = DPTrainingValidator(target, delta, p.get("max_grad_norm"), sigma, p["accountant"], audit, report_dir)
