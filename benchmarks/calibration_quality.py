@@ -245,22 +245,18 @@ def main() -> None:
     results.pop("seconds_real_data", None)
     with TemporaryDirectory() as d:
         tmp = Path(d)
-        if "simulator" in sections:
-            start = time.time()
-            results["simulator_spline"] = simulator_spline(tmp, args.rows, args.epochs)
-            results["seconds"]["simulator"] = time.time() - start
-            save(results)
-        if "intervals" in sections:
-            start = time.time()
-            runs = [tuple(int(x) for x in r.split(":")) for r in args.interval_runs.split(",") if r]
-            results["interval_validation"] = interval_validation(tmp, runs, args.epochs)
-            results["seconds"]["intervals"] = time.time() - start
-            save(results)
-        if "drift" in sections:
-            start = time.time()
-            results["drift_field_rce"] = drift_field_rce(tmp, args.drift_rows, args.epochs)
-            results["seconds"]["drift"] = time.time() - start
-            save(results)
+        runs = [tuple(int(x) for x in r.split(":")) for r in args.interval_runs.split(",") if r]
+        simulator_sections = {  # section -> (results key, what it runs)
+            "simulator": ("simulator_spline", lambda: simulator_spline(tmp, args.rows, args.epochs)),
+            "intervals": ("interval_validation", lambda: interval_validation(tmp, runs, args.epochs)),
+            "drift": ("drift_field_rce", lambda: drift_field_rce(tmp, args.drift_rows, args.epochs)),
+        }
+        for section, (key, run) in simulator_sections.items():
+            if section in sections:
+                start = time.time()
+                results[key] = run()
+                results["seconds"][section] = time.time() - start
+                save(results)
         if "real" in sections:
             start = time.time()
             for data, folder in (("ipinyou", "ipinyou_deepctr_sample"), ("kag_conversion", "facebook_ad_conversions_KAG")):
