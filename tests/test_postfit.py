@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import given, settings
@@ -48,7 +49,23 @@ def test_full_postfit_run_writes_every_artifact(run):
     assert metrics["export/onnx_max_abs_diff"] < 1e-4
     report = (run / "report" / "report.md").read_text()
     assert "Field-level relative calibration error" in report and "Prediction intervals" in report
-    assert json.loads((run / "report" / "postfit.json").read_text())["intervals"]["uses_members"] is True
+    intervals = json.loads((run / "report" / "postfit.json").read_text())["intervals"]
+    assert intervals["uses_members"] is True and intervals["split"] == "val+calib"  # never test
+    assert "calib/interval_coverage_true" in metrics
+
+
+def test_interval_rows_never_include_test():
+    from within.postfit.context import PostfitContext
+    from within.postfit.intervals import Intervals
+
+    frames = {name: pd.DataFrame({"x": range(k)}) for name, k in (("train", 5), ("val", 2), ("calib", 3), ("test", 4))}
+    ctx = PostfitContext(predictor=None, frames=frames, out_dir=Path("."), config={})
+    split, frame = Intervals.fit_frame(ctx, ["val", "calib"])
+    assert split == "val+calib" and len(frame) == 5
+    assert Intervals.fit_frame(ctx, "calib")[0] == "calib"
+    for bad, match in ((["calib", "test"], "'test' is not allowed"), (["train"], "choose from val, calib")):
+        with pytest.raises(ValueError, match=match):
+            Intervals.fit_frame(ctx, bad)
 
 
 def test_onnx_graph_matches_the_bundle_predictions(run, fresh):
@@ -150,4 +167,5 @@ def test_paired_timing_measures_a_real_speedup_and_its_noise_floor():
     with torch.no_grad():
         parts = time_breakdown(slow, batch[0], repeats=3)
     assert set(parts) == {"inner", "total", "other"}
-    assert 0 < parts["inner"] <= parts["total"] * 1.05
+    # inner and total are separate timings: on a loaded CPU inner can exceed total by noise alone
+    assert 0 < parts["inner"] <= parts["total"] * 2, parts
