@@ -553,3 +553,23 @@ def test_ddp_cpu_two_processes_dp(tmp_path):
     # the budget stop's checkpoint (written with a barrier on every rank) exists and holds the accountant
     state = torch.load(tmp_path / "checkpoints" / "privacy_budget_stop.ckpt", map_location="cpu", weights_only=True)
     assert state["privacy_accountant"]["history"] == report["history"]
+
+
+def test_privacy_dp_sets_its_training_defaults_and_the_command_line_wins(tmp_path):
+    import functools
+
+    from within.lit.dp import dp_scheduler
+    from within.privacy.engine import PrivacyConfigError
+
+    cfg = compose_cfg("train", ["privacy=dp"], tmp_path)
+    assert cfg.data.batch_size == 4096 and cfg.privacy.lr_decay == 0.9 and cfg.privacy.max_grad_norm == 10.0
+    assert cfg.model.scheduler.gamma == 0.7  # the model's own schedule is untouched; DP replaces gamma
+    cfg = compose_cfg("train", ["privacy=dp", "data.batch_size=2048", "privacy.lr_decay=0.8"], tmp_path)
+    assert cfg.data.batch_size == 2048 and cfg.privacy.lr_decay == 0.8
+    exp = functools.partial(torch.optim.lr_scheduler.ExponentialLR, gamma=0.7)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    assert dp_scheduler(exp, 0.9)(opt).gamma == 0.9 and dp_scheduler(exp, None) is exp
+    with pytest.raises(PrivacyConfigError, match=r"privacy.lr_decay=1.5: must be in \(0, 1\]"):
+        dp_scheduler(exp, 1.5)
+    cosine = functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=3)
+    assert dp_scheduler(cosine, 0.9) is cosine and dp_scheduler(None, 0.9) is None  # no gamma: kept as is

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 
 PRIVACY_KEYS = {
     "enabled", "target_epsilon", "target_delta", "max_grad_norm", "noise_multiplier", "accountant",
-    "grad_sample_mode", "poisson_sampling", "secure_mode", "max_physical_batch_size", "audit", "lr",
+    "grad_sample_mode", "poisson_sampling", "secure_mode", "max_physical_batch_size", "audit", "lr", "lr_decay",
 }
 ROW_ID = "row_id"  # added to the train split so held-out audit canaries can be dropped from batches
 
@@ -399,8 +400,9 @@ def configure_privacy(cfg: DictConfig, module: AdScoreModule, datamodule: Any) -
             raise PrivacyConfigError(f"privacy.lr={lr}: must be a finite number > 0, or null for model.optimizer.lr")
         # DP-SGD takes few, large, noisy steps: its own learning rate (the later keyword wins in a partial)
         optimizer = functools.partial(optimizer, lr=float(lr))
+    scheduler = dp_scheduler(module.scheduler_factory, p.get("lr_decay"))
     dp_module = DPAdScoreModule(
-        net=module.net, optimizer=optimizer, scheduler=module.scheduler_factory,
+        net=module.net, optimizer=optimizer, scheduler=scheduler,
         scheduler_interval=module.hparams.scheduler_interval, compile=module.hparams.compile,
         noise_multiplier=float(sigma), max_grad_norm=float(p["max_grad_norm"]), target_delta=delta,
         accountant=p["accountant"], grad_sample_mode=p["grad_sample_mode"], secure_mode=bool(p.get("secure_mode")),
@@ -415,6 +417,24 @@ def configure_privacy(cfg: DictConfig, module: AdScoreModule, datamodule: Any) -
         with open_dict(cfg):
             cfg.trainer.strategy = {"_target_": "within.lit.dp.DPDDPStrategy"}
     return dp_module, [validator]
+
+
+def dp_scheduler(scheduler: Any, lr_decay: Any) -> Any:
+    """The model's scheduler with `privacy.lr_decay` as its per-epoch gamma: DP-SGD's noisy steps are
+    still improving when the non-DP decay (0.7 per epoch) has all but stopped them."""
+    if lr_decay is None:
+        return scheduler
+    if isinstance(lr_decay, bool) or not isinstance(lr_decay, (int, float)) or not 0 < float(lr_decay) <= 1:
+        raise PrivacyConfigError(f"privacy.lr_decay={lr_decay!r}: must be in (0, 1], or null to keep model.scheduler")
+    if scheduler is None:
+        return None
+    func = getattr(scheduler, "func", scheduler)
+    if "gamma" not in inspect.signature(func).parameters:
+        # a schedule of the user's own shape (cosine, one-cycle): the DP default does not apply to it
+        log.warning("privacy.lr_decay=%s ignored: model.scheduler (%s) has no gamma", lr_decay,
+                    getattr(func, "__name__", type(func).__name__))
+        return scheduler
+    return functools.partial(scheduler, gamma=float(lr_decay))
 
 
 def privacy_report(module: L.LightningModule, trainer: L.Trainer, report_dir: str | Path) -> dict[str, Any]:
