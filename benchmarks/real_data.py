@@ -11,10 +11,14 @@ For each dataset the three models see the SAME rows, split and features:
 * ``lr``: sklearn LogisticRegression on one-hot categoricals (same ``min_count`` as the spec),
   standardised numerics (the spec's transform, median imputation + missing indicator), hashed
   bag-of-words for text and image summaries; C picked from a small grid on within's val split;
-* ``hgb``: sklearn HistGradientBoostingClassifier on native categoricals (the 254 most frequent
-  values of each field, the rest pooled), numerics, hashed text (a cross-fitted logistic text score
-  plus 8 TruncatedSVD components per text field) and image summaries (per-channel mean / std,
-  luminance std), as in ``benchmarks/simulator_modalities.py``.
+* ``hgb_hashed`` (datasets with text): sklearn HistGradientBoostingClassifier on native categoricals
+  (the 254 most frequent values of each field, the rest pooled), numerics, hashed text (8
+  TruncatedSVD components of each text field's hashed bag of words) and image summaries
+  (per-channel mean / std, luminance std): the baseline issue 3's simulator acceptance names
+  ("HistGradientBoosting gets hashed-text and image summary features");
+* ``hgb``: the same plus, per text field, a cross-fitted logistic-regression score on the hashed bag
+  of words (stacking: a learned text model handed to the trees). Stronger than the issue asks; the
+  table reports within against both.
 
 Both baselines train on every non-test row (within's train + val + calib). Aggregated rows (clicks
 out of impressions, ``features.weight``) are weighted by impressions in fitting and in every metric.
@@ -65,7 +69,7 @@ DATASETS: dict[str, dict[str, Any]] = {
     "advertising": {"data": "advertising", "protocol": "kfold", "folder": "advertising_clicked_on_ad"},
     "simulator": {"data": "synthetic", "protocol": "seeds", "folder": None},
 }
-MODELS = ("within", "lr", "hgb")
+MODELS = ("within", "lr", "hgb", "hgb_hashed")  # hgb_hashed only where the data has text
 METRICS = ("auc", "logloss", "calib_ratio")
 LR_GRID = (0.01, 0.1, 1.0)
 LR_GRID_MAX_ROWS = 100_000
@@ -231,8 +235,10 @@ def lr_design(train: pd.DataFrame, test: pd.DataFrame, spec: Any) -> tuple[sp.cs
     return sp.hstack(blocks_tr).tocsr(), sp.hstack(blocks_te).tocsr()
 
 
-def hgb_design(train: pd.DataFrame, test: pd.DataFrame, spec: Any, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(X_train, X_test, categorical mask) for HistGradientBoosting."""
+def hgb_design(train: pd.DataFrame, test: pd.DataFrame, spec: Any, seed: int,
+               text_score: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(X_train, X_test, categorical mask) for HistGradientBoosting; `text_score` adds the stacked
+    cross-fitted logistic text score to the hashed-text SVD components."""
     from sklearn.decomposition import TruncatedSVD
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import normalize
@@ -259,13 +265,14 @@ def hgb_design(train: pd.DataFrame, test: pd.DataFrame, spec: Any, seed: int) ->
         for f in spec.text:
             xtr = normalize(hashed_text(train, f.name), norm="l1")
             xte = normalize(hashed_text(test, f.name), norm="l1")
-            score_tr = np.zeros(len(train))
-            for k in (0, 1):  # cross-fitted: a row's text score never saw its own label
-                fit = folds[rows] != k
-                lr = LogisticRegression(C=1.0, max_iter=300).fit(xtr[rows[fit]], lab[fit], sample_weight=sw[fit])
-                score_tr[folds == k] = lr.decision_function(xtr[folds == k])
-            lr = LogisticRegression(C=1.0, max_iter=300).fit(xtr[rows], lab, sample_weight=sw)
-            cols_tr.append(score_tr), cols_te.append(lr.decision_function(xte)), is_cat.append(False)
+            if text_score:
+                score_tr = np.zeros(len(train))
+                for k in (0, 1):  # cross-fitted: a row's text score never saw its own label
+                    fit = folds[rows] != k
+                    lr = LogisticRegression(C=1.0, max_iter=300).fit(xtr[rows[fit]], lab[fit], sample_weight=sw[fit])
+                    score_tr[folds == k] = lr.decision_function(xtr[folds == k])
+                lr = LogisticRegression(C=1.0, max_iter=300).fit(xtr[rows], lab, sample_weight=sw)
+                cols_tr.append(score_tr), cols_te.append(lr.decision_function(xte)), is_cat.append(False)
             n_comp = int(min(8, xtr.shape[0] - 1, max(1, xtr.getnnz(axis=0).astype(bool).sum() - 1)))
             svd = TruncatedSVD(n_comp, random_state=seed).fit(xtr)
             for a, b in zip(svd.transform(xtr).T, svd.transform(xte).T):
@@ -300,12 +307,13 @@ def fit_lr(df: pd.DataFrame, split: dict[str, np.ndarray], spec: Any) -> tuple[n
     return m.predict_proba(xte)[:, 1], {"C": best_c, "n_features": int(xf.shape[1])}
 
 
-def fit_hgb(df: pd.DataFrame, split: dict[str, np.ndarray], spec: Any, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+def fit_hgb(df: pd.DataFrame, split: dict[str, np.ndarray], spec: Any, seed: int,
+            text_score: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     fit_rows = np.concatenate([split["train"], split["val"], split["calib"]])
     full, test = df.iloc[fit_rows], df.iloc[split["test"]]
-    xf, xte, is_cat = hgb_design(full, test, spec, seed)
+    xf, xte, is_cat = hgb_design(full, test, spec, seed, text_score=text_score)
     rows, lab, sw = expand(*labels(full, spec))
     hgb = HistGradientBoostingClassifier(
         max_iter=300, learning_rate=0.08, max_leaf_nodes=31, min_samples_leaf=100, l2_regularization=1.0,
@@ -363,7 +371,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def acceptance(name: str, summary: dict[str, dict[str, float]]) -> dict[str, Any] | None:
-    w, lr, hgb = (summary[m].get("auc_mean") for m in MODELS)
+    w, lr, hgb = (summary[m].get("auc_mean") for m in ("within", "lr", "hgb"))
     if None in (w, lr, hgb):
         return None
     if name == "ipinyou":
@@ -373,7 +381,12 @@ def acceptance(name: str, summary: dict[str, dict[str, float]]) -> dict[str, Any
                 "within_minus_lr": w - lr, "lr_sd": lr_sd, "within_minus_hgb": w - hgb,
                 "met": bool(w >= lr - lr_sd and w >= hgb)}
     if name == "simulator":
-        return {"rule": "within AUC >= HGB AUC + 0.01", "within_minus_hgb": w - hgb, "met": bool(w >= hgb + 0.01)}
+        hashed = summary.get("hgb_hashed", {}).get("auc_mean")
+        if hashed is None:
+            return None
+        return {"rule": "within AUC >= HGB (hashed text + image summaries) AUC + 0.01",
+                "within_minus_hgb": w - hashed, "within_minus_hgb_stacked": w - hgb, "met": bool(w >= hashed + 0.01),
+                "met_against_stacked_hgb": bool(w >= hgb + 0.01)}
     return None
 
 
@@ -390,25 +403,29 @@ def run_dataset(name: str, n_runs: int, quick: bool, work: Path, sim_rows: int |
     df, spec, fracs, method = load_dataset(info["data"], extra)
     splits = make_splits(df, spec, fracs, method, info["protocol"], n_runs)
     runs = list(done or [])[:len(splits)]
+    models = [m for m in MODELS if m != "hgb_hashed" or spec.text]  # without text it IS hgb
     for i, split in enumerate(splits):
-        if i < len(runs):
-            continue
         seed = i  # kfold: fold i uses seed i; seeds: seed i
-        r: dict[str, Any] = {"run": i, "seed": seed, "n_test": len(split["test"]),
-                             "n_fit": int(sum(len(split[s]) for s in ("train", "val", "calib")))}
+        if i < len(runs):  # a stored run: only the models it lacks (a baseline added later)
+            r = runs[i]
+        else:
+            r = {"run": i, "seed": seed, "n_test": len(split["test"]),
+                 "n_fit": int(sum(len(split[s]) for s in ("train", "val", "calib")))}
+            runs.append(r)
         test = df.iloc[split["test"]]
-        for model in MODELS:
+        for model in models:
+            if model in r:
+                continue
             t1 = time.perf_counter()
             if model == "within":
                 p, extra_info = fit_within(df, split, info["data"], extra, seed, work)
             elif model == "lr":
                 p, extra_info = fit_lr(df, split, spec)
             else:
-                p, extra_info = fit_hgb(df, split, spec, seed)
+                p, extra_info = fit_hgb(df, split, spec, seed, text_score=model == "hgb")
             r[model] = {**score(p, test, spec), "wall_s": time.perf_counter() - t1, **extra_info}
             print(f"[{name}] run {i} {model}: auc={r[model]['auc']:.4f} logloss={r[model]['logloss']:.5f} "
                   f"calib={r[model]['calib_ratio']:.3f} ({r[model]['wall_s']:.0f}s)", flush=True)
-        runs.append(r)
     y, w = labels(df, spec)
     summary = summarise(runs)
     return {
@@ -441,7 +458,11 @@ def markdown(result: dict[str, Any]) -> str:
         proto = f"{d['n_runs']} folds" if d["protocol"] == "kfold" else f"{d['n_runs']} seed{'s' if d['n_runs'] > 1 else ''}, {d['split']['method']} split"
         for model in MODELS:
             s = d["summary"].get(model, {})
-            label = {"within": "within (nn)", "lr": "LogisticRegression", "hgb": "HistGradientBoosting"}[model]
+            if not s:
+                continue
+            label = {"within": "within (nn)", "lr": "LogisticRegression",
+                     "hgb": "HistGradientBoosting" + (" (+ stacked text LR score)" if "hgb_hashed" in d["summary"] and d["summary"]["hgb_hashed"] else ""),
+                     "hgb_hashed": "HistGradientBoosting (hashed text + image summaries)"}[model]
             lines.append(
                 f"| {name if model == 'within' else ''} | {d['rows'] if model == 'within' else ''} | "
                 f"{proto if model == 'within' else ''} | {label} | {fmt(s.get('auc_mean'), s.get('auc_sd'), 4)} | "
@@ -452,7 +473,10 @@ def markdown(result: dict[str, Any]) -> str:
             notes.append(f"- {name}: {acc['rule']}: **{'met' if acc['met'] else 'NOT met'}** "
                          f"(within - HGB = {acc['within_minus_hgb']:+.4f}"
                          + (f", within - LR = {acc['within_minus_lr']:+.4f}, LR sd = {acc['lr_sd']:.4f}"
-                            if "within_minus_lr" in acc else "") + ")")
+                            if "within_minus_lr" in acc else "")
+                         + (f"; against the stronger stacked HGB: {acc['within_minus_hgb_stacked']:+.4f}, "
+                            f"{'met' if acc['met_against_stacked_hgb'] else 'NOT met'}"
+                            if "within_minus_hgb_stacked" in acc else "") + ")")
         if d.get("weighted"):
             notes.append(f"- {name}: aggregated rows; fitting and metrics weighted by impressions.")
         if d["protocol"] == "seeds" and d["n_runs"] < 3:

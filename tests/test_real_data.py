@@ -77,7 +77,7 @@ def test_aggregated_rows_score_like_their_impressions():
 
 def test_markdown_table_comes_from_the_json():
     summary = {m: {"auc_mean": a, "auc_sd": 0.01, "logloss_mean": 0.05, "logloss_sd": 0.002,
-                   "calib_ratio_mean": 1.0, "calib_ratio_sd": 0.1} for m, a in zip(rd.MODELS, (0.64, 0.63, 0.60))}
+                   "calib_ratio_mean": 1.0, "calib_ratio_sd": 0.1} for m, a in zip(rd.MODELS, (0.64, 0.63, 0.60, 0.59))}
     result = {"datasets": {"ipinyou": {"rows": 26773, "protocol": "kfold", "n_runs": 5, "split": {"method": "x"},
                                        "summary": summary, "acceptance": rd.acceptance("ipinyou", summary),
                                        "weighted": False}}}
@@ -86,9 +86,18 @@ def test_markdown_table_comes_from_the_json():
     assert "| LogisticRegression | 0.6300 ± 0.0100 |" in md and "**met**" in md
     summary["within"]["auc_mean"] = 0.605
     assert rd.acceptance("ipinyou", summary)["met"] is False  # 0.605 >= HGB 0.60 but < LR 0.63 - sd 0.01
-    assert rd.acceptance("simulator", summary)["met"] is False  # 0.605 < HGB 0.60 + 0.01
-    summary["within"]["auc_mean"] = 0.615
-    assert rd.acceptance("simulator", summary)["met"] is True
+    summary["within"]["auc_mean"] = 0.595
+    assert rd.acceptance("simulator", summary)["met"] is False  # 0.595 < hashed HGB 0.59 + 0.01
+    summary["within"]["auc_mean"] = 0.605
+    acc = rd.acceptance("simulator", summary)  # the rule's baseline is the hashed-text HGB (issue 3)
+    assert acc["met"] is True and acc["met_against_stacked_hgb"] is False
+    assert acc["within_minus_hgb"] == pytest.approx(0.015) and acc["within_minus_hgb_stacked"] == pytest.approx(0.005)
+    md = rd.markdown({"datasets": {"simulator": {"rows": 10, "protocol": "seeds", "n_runs": 3, "split": {"method": "time"},
+                                                 "summary": summary, "acceptance": acc, "weighted": False}}})
+    assert "HistGradientBoosting (hashed text + image summaries) | 0.5900" in md
+    assert "against the stronger stacked HGB: +0.0050, NOT met" in md
+    summary.pop("hgb_hashed")
+    assert rd.acceptance("simulator", summary) is None  # no baseline the rule names: no verdict
     one = rd.summarise([{"within": {"auc": 0.5, "logloss": 1.0, "calib_ratio": 1.0}}])["within"]
     assert one["auc_mean"] == 0.5 and math.isnan(one["auc_sd"])  # one run: no sd
 
