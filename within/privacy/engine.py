@@ -219,6 +219,9 @@ def make_private(
     from opacus import PrivacyEngine
     from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
+    from within.privacy.norm_samplers import register
+
+    register()  # a sort-based embedding norm sampler for ghost clipping (see its module docstring)
     if accountant not in ACCOUNTANTS:
         raise PrivacyConfigError(f"privacy.accountant: {accountant!r} is not one of {list(ACCOUNTANTS)}")
     mode, reason = resolve_grad_sample_mode(module, grad_sample_mode, probe)
