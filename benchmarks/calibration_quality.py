@@ -237,11 +237,11 @@ def resplit_ece(s, y, w, reps: int = 100, seed: int = 0) -> dict:
         a, b = perm[: n // 2], perm[n // 2:]
         wa, wb = (None, None) if w is None else (w[a], w[b])
         bins = ece_bins(y[b].sum())
-        for name in eces:
+        for name, values in eces.items():
             cal = (instantiate(OmegaConf.load(ROOT / "conf" / "calibrator" / "spline.yaml"), _convert_="all")
                    if name == "spline" else make_calibrator(name))
             cal.fit(s[a], y[a], weight=wa)
-            eces[name].append(ece(cal.transform(s[b]), y[b], n_bins=bins, weight=wb))
+            values.append(ece(cal.transform(s[b]), y[b], n_bins=bins, weight=wb))
     sp, iso = np.array(eces["spline"]), np.array(eces["isotonic"])
     d = sp - iso
     return {"reps": reps, "rows": n, "ece_spline_mean": float(sp.mean()), "ece_isotonic_mean": float(iso.mean()),

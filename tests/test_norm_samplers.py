@@ -34,10 +34,10 @@ def test_embedding_norms_match_per_row_gradients(padding_idx):
 
 
 @pytest.mark.parametrize("shape, conv", [
-    ((3, 3, 16, 16), dict(in_channels=3, out_channels=16, kernel_size=3, stride=2, padding=1)),   # forms G^T A
-    ((3, 16, 4, 4), dict(in_channels=16, out_channels=32, kernel_size=3, stride=2, padding=1)),   # ghost norm
-    ((2, 4, 9, 7), dict(in_channels=4, out_channels=6, kernel_size=(3, 2), dilation=2, bias=False)),
-    ((2, 4, 6, 6), dict(in_channels=4, out_channels=6, kernel_size=3, groups=2)),                 # general path
+    ((3, 3, 16, 16), {"in_channels": 3, "out_channels": 16, "kernel_size": 3, "stride": 2, "padding": 1}),   # forms G^T A
+    ((3, 16, 4, 4), {"in_channels": 16, "out_channels": 32, "kernel_size": 3, "stride": 2, "padding": 1}),   # ghost norm
+    ((2, 4, 9, 7), {"in_channels": 4, "out_channels": 6, "kernel_size": (3, 2), "dilation": 2, "bias": False}),
+    ((2, 4, 6, 6), {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "groups": 2}),                 # general path
 ])
 def test_conv2d_norms_match_per_row_gradients(shape, conv):
     torch.manual_seed(1)

@@ -221,7 +221,7 @@ def make_private(
 
     from within.privacy.norm_samplers import register
 
-    register()  # a sort-based embedding norm sampler for ghost clipping (see its module docstring)
+    register()  # faster embedding and Conv2d norm samplers for ghost clipping (see their module docstring)
     if accountant not in ACCOUNTANTS:
         raise PrivacyConfigError(f"privacy.accountant: {accountant!r} is not one of {list(ACCOUNTANTS)}")
     mode, reason = resolve_grad_sample_mode(module, grad_sample_mode, probe)

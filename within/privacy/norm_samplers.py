@@ -23,10 +23,12 @@ Opacus has no conv norm sampler, so ghost clipping materialises every row's conv
 ([B, C_out, C_in, k, k], zero-filled, then a bmm). With the unfolded input A [B, P, K] (P output
 positions, K = C_in k k) and output gradients G [B, P, C], a row's weight gradient is G^T A, and
 
-    ||G^T A||^2 = sum_{p, q} (A A^T)_{pq} (G G^T)_{pq}         (ghost norm, Li et al. 2022)
+    ||G^T A||^2 = sum_{p, q} (A A^T)_{pq} (G G^T)_{pq}         (the ghost norm)
 
-costs P^2 (K + C) per row against P K C for forming G^T A. Each layer takes the cheaper one: the
-first 16x16 conv (P = 64) forms the gradient, the deeper ones (P = 16, 4) use the ghost norm.
+costs P^2 (K + C) per row against P K C for forming G^T A. Each layer takes the cheaper one, as in
+mixed ghost clipping (Bu et al., "Scalable and Efficient Training of Large Convolutional Neural
+Networks with Differential Privacy", NeurIPS 2022): the first 16x16 conv (P = 64) forms the
+gradient, the deeper ones (P = 16, 4) use the ghost norm.
 """
 from __future__ import annotations
 
