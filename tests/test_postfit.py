@@ -68,6 +68,18 @@ def test_interval_rows_never_include_test():
             Intervals.fit_frame(ctx, bad)
 
 
+@pytest.mark.parametrize("override, match", [
+    ("intervals.splits=[calib,test]", "intervals.splits: 'test' is not allowed"),
+    ("intervals.weight_power=2", r"intervals.weight_power: must be in \[0, 1\]"),
+])
+def test_bad_interval_settings_fail_before_training(tmp_path, override, match):
+    from within.pipeline.config import ConfigError, validate_config
+
+    cfg = compose_cfg("train", FAST + [override], out_dir=tmp_path)
+    with pytest.raises(ConfigError, match=match):
+        validate_config(cfg)
+
+
 def test_onnx_graph_matches_the_bundle_predictions(run, fresh):
     import onnxruntime as ort
 

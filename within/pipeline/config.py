@@ -85,6 +85,17 @@ def _check_train_semantics(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.max_epochs: must be >= 1, got {trainer.max_epochs}")
     if int(cfg.data.get("batch_size", 1)) < 1:
         raise ConfigError(f"data.batch_size: must be >= 1, got {cfg.data.batch_size}")
+    if "intervals" in (cfg.get("postfit") or []) and cfg.get("intervals"):
+        # before training, not after it: a typo here would otherwise cost the whole fit
+        from within.postfit.intervals import check_splits
+
+        try:
+            check_splits(cfg.intervals.get("splits", ["val", "calib"]))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        power = cfg.intervals.get("weight_power", 0.5)
+        if not isinstance(power, (int, float)) or isinstance(power, bool) or not 0 <= power <= 1:
+            raise ConfigError(f"intervals.weight_power: must be in [0, 1] (0: w^2-weighted, 1: row average), got {power!r}")
 
 
 def _check_type(key: str, value: Any, expected: Any) -> None:

@@ -40,6 +40,17 @@ def interval_keys(predictor, frame: pd.DataFrame, columns: list[str] | None = No
     return keys
 
 
+def check_splits(splits) -> list[str]:
+    """`intervals.splits` as a list of names; test (scored) and train (fitted) are refused."""
+    names = [splits] if isinstance(splits, str) else list(splits)
+    if "test" in names:
+        raise ValueError("intervals.splits: 'test' is not allowed (intervals are scored on test); use val and/or calib")
+    unknown = [n for n in names if n not in ("val", "calib")]
+    if unknown:
+        raise ValueError(f"intervals.splits: {unknown} not allowed; choose from val, calib (the model fitted train)")
+    return names
+
+
 class Intervals:
     """Fit ProbabilityIntervals on the val + calib raw logits and store it on the predictor."""
 
@@ -72,13 +83,7 @@ class Intervals:
     @staticmethod
     def fit_frame(ctx: PostfitContext, splits) -> tuple[str, pd.DataFrame]:
         """The named splits that exist, concatenated ('val+calib'); never test."""
-        names = [splits] if isinstance(splits, str) else list(splits)
-        if "test" in names:
-            raise ValueError("intervals.splits: 'test' is not allowed (intervals are scored on test); use val and/or calib")
-        unknown = [n for n in names if n not in ("val", "calib")]
-        if unknown:
-            raise ValueError(f"intervals.splits: {unknown} not allowed; choose from val, calib (the model fitted train)")
-        parts = {n: ctx.frames.get(n) for n in names}
+        parts = {n: ctx.frames.get(n) for n in check_splits(splits)}
         parts = {n: f for n, f in parts.items() if f is not None and len(f)}
         if not parts:
             return ctx.calibration_frame()
