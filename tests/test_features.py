@@ -136,3 +136,10 @@ def test_aggregated_labels_are_checked():
     df = pd.DataFrame({"x": [1.0, 2.0], "clicks": [1, 5], "impressions": [10, 3]})
     with pytest.raises(FeatureError, match=r"row 1 has 5.0 clicks for 3.0 impressions"):
         spec.validate_frame(df, require_label=True)
+
+
+def test_image_augment_flag_reaches_input_dim(spec):
+    df = frame()
+    assert FeatureProcessor(spec).fit(df).input_dim["image_augment"] is False
+    cfg = {**SPEC, "fields": [dict(f, augment=True) if f["type"] == "image" else f for f in SPEC["fields"]]}
+    assert FeatureProcessor(FeatureSpec.from_config(cfg)).fit(df).input_dim["image_augment"] is True

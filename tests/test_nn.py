@@ -272,7 +272,7 @@ def test_dp_compatible_per_sample_gradients():
     from opacus import GradSampleModule
 
     d = {**ALL, "image_fields": 2}
-    gsm = GradSampleModule(make(d, dp_compatible=True, dropout_rate=0.0), loss_reduction="sum")
+    gsm = GradSampleModule(make(d, dp_compatible=True, dropout_rate=0.0, cross_layers=1), loss_reduction="sum")
     X = batch(d, 6, missing=("image",))
     X["mask_text"][0] = False
     gsm(X).sum().backward()
@@ -395,3 +395,88 @@ def test_throughput_default_dims():
     rate = 1024 / sorted(times)[len(times) // 2]
     print(f"AdPredictorNN fwd+bwd: {rate:.0f} samples/s")
     assert rate > 1_000  # a loose floor: 2 shared cores measured 33-35k/s idle, ~2k/s at load 8
+
+
+# ---- training-time regularisers against memorising single ads -------------------------------
+@pytest.mark.parametrize("dp", [False, True])
+def test_token_dropout_only_while_training(dp):
+    torch.manual_seed(0)
+    enc = HashedTextEncoder(2, 100, out_dim=6, dp_compatible=dp, token_dropout=0.5)
+    text = torch.randint(1, 100, (64, 2, 8))
+    enc.eval()
+    torch.testing.assert_close(enc(text), enc(text))
+    plain = HashedTextEncoder(2, 100, out_dim=6, dp_compatible=dp)
+    plain.load_state_dict(enc.state_dict())
+    torch.testing.assert_close(enc(text), plain.eval()(text))  # eval: no tokens dropped
+    enc.train()
+    a, b = enc(text), enc(text)
+    assert not torch.allclose(a, b)  # a fresh subset of words each call
+    # about half the tokens are gone: the bag means move by a lot, not by rounding
+    assert (a - plain(text)).abs().mean() > 0.01
+    with pytest.raises(ValueError, match="token_dropout"):
+        HashedTextEncoder(2, 100, token_dropout=1.0)
+
+
+def test_image_augment_keeps_pixel_statistics():
+    from within.nn.predictor import _augment_images
+
+    torch.manual_seed(0)
+    img = torch.randint(0, 256, (32, 2, 3, 16, 16), dtype=torch.uint8)
+    out = _augment_images(img)
+    assert out.dtype == torch.uint8 and out.shape == img.shape
+    f, g = img.float(), out.float()
+    torch.testing.assert_close(g.mean(dim=(3, 4)), f.mean(dim=(3, 4)))  # colour balance, brightness
+    torch.testing.assert_close(g.std(dim=(3, 4)), f.std(dim=(3, 4)))
+    torch.testing.assert_close(g.mean(2).flatten(2).std(2), f.mean(2).flatten(2).std(2))  # luminance contrast
+    moved = (out != img).flatten(2).any(2).float().mean()
+    assert moved > 0.9  # almost every image is moved (the identity draw is 1 in 4 * 256)
+    # each image is a permutation of its own pixels: sorted values agree
+    torch.testing.assert_close(out.flatten(3).sort(-1).values, img.flatten(3).sort(-1).values)
+
+
+def test_image_augment_follows_the_spec_and_is_off_in_eval():
+    on = {**ALL, "image_augment": True}
+    assert make(on).image_augment and not make(ALL).image_augment
+    assert not make(on, image_augment=False).image_augment  # the model setting wins
+    X = batch()
+    m = make(on, dropout_rate=0.0).eval()
+    torch.testing.assert_close(m(X), m(X))  # deterministic at inference
+    m.train()  # without dropout, only the augmentation makes two training passes differ
+    assert not torch.allclose(m(X), m(X))
+    off = make(on, dropout_rate=0.0, image_augment=False).train()
+    torch.testing.assert_close(off(X), off(X))
+
+
+# ---- cross network ---------------------------------------------------------------------------
+def _fit_interaction(cross_layers: int) -> float:
+    """Final loss on a label that is a pure interaction of two categories (XOR of their parity)."""
+    d = {"n_num": 0, "cat_cardinalities": [6, 6]}
+    X = batch(d, 512)
+    y = ((X["cat"][:, 0] + X["cat"][:, 1]) % 2).float()
+    m = make(d, hidden_dims=(), use_cross_modal=False, dropout_rate=0.0, cross_layers=cross_layers)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-2)
+    for _ in range(150):
+        loss = nn.functional.binary_cross_entropy_with_logits(m(X), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+def test_cross_layer_learns_what_an_additive_model_cannot():
+    # without a tower the model is additive in its fields: XOR stays at chance (log 2 = 0.69)
+    assert _fit_interaction(0) > 0.6
+    assert _fit_interaction(1) < 0.2
+
+
+def test_cross_layers_parts_and_quantized_copy():
+    assert make(cross_layers=0).cross_head is None
+    m = make(cross_layers=2).eval()
+    assert len(m.cross) == 2 and all(c.in_features == m.fused_dim for c in m.cross)
+    X = batch()
+    q = m.quantize()
+    # int8 weights and activations of a random, untrained net: logits agree to ~0.1
+    torch.testing.assert_close(q(X), m(X), atol=0.1, rtol=0.05)
+    assert not torch.allclose(q(X), m(X), atol=1e-6)  # it is an int8 copy, not the float model
+    with pytest.raises(ValueError, match="cross_layers"):
+        make(cross_layers=-1)

@@ -115,6 +115,7 @@ class FeatureProcessor:
             "image_fields": len(image),
             "image_channels": image[0].channels if image else 0,
             "image_size": image[0].size if image else 0,
+            "image_augment": any(f.augment for f in image),
         }
 
     # ---- transform ----------------------------------------------------------------------

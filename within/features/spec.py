@@ -40,6 +40,7 @@ class FieldSpec:
     # image
     size: int = 16
     channels: int = 3
+    augment: bool = False  # the creative's effect ignores position and orientation: training may flip/shift it
 
     def __post_init__(self) -> None:
         where = f"feature '{self.name}'"

@@ -99,6 +99,8 @@ class HashedTextEncoder(nn.Module):
     Input `text` int64 [B, n_fields, L]. Output [B, out_dim].
     With `dp_compatible`, an nn.Embedding + masked mean replaces the EmbeddingBag: Opacus's
     EmbeddingBag sampler needs 1-D input with offsets and loops in Python per sample.
+    `token_dropout` drops each token with that probability while training (word dropout): an ad's
+    exact word set identifies it, and without this the tower learns per-ad train noise.
     """
 
     def __init__(
@@ -108,8 +110,11 @@ class HashedTextEncoder(nn.Module):
         out_dim: int = 32,
         embedding_dim: int | None = None,
         dp_compatible: bool = False,
+        token_dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= token_dropout < 1.0:
+            raise ValueError(f"token_dropout must be in [0, 1), got {token_dropout!r}")
         if n_fields < 1:
             raise ValueError(f"n_fields must be >= 1, got {n_fields}")
         if n_buckets < 2:
@@ -119,6 +124,7 @@ class HashedTextEncoder(nn.Module):
         self.embedding_dim = int(embedding_dim or out_dim)
         self.out_dim = int(out_dim)
         self.dp_compatible = bool(dp_compatible)
+        self.token_dropout = float(token_dropout)
         if self.dp_compatible:
             self.table: nn.Module = nn.Embedding(self.n_buckets, self.embedding_dim, padding_idx=0)
         else:
@@ -130,6 +136,8 @@ class HashedTextEncoder(nn.Module):
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
         b, f, length = text.shape
+        if self.training and self.token_dropout > 0:
+            text = text.masked_fill(torch.rand(text.shape, device=text.device) < self.token_dropout, 0)
         if self.dp_compatible:
             emb = self.table(text)  # [B, F, L, D]
             present = (text != 0).unsqueeze(-1).to(emb.dtype)

@@ -5,11 +5,16 @@
     text  ─ HashedTextEncoder ─ vector ─┤ missing rows -> learned vector          ├─ concat ─ tower ─ head ─ + wide ─ logit
     image ─ image encoder ───── vector ─┘ (AdaptiveDropout per modality)          │
                    all vectors ─ CrossModalAttention ─────────────────────────────┘
+                                                    fused ─ cross layers ─ cross head ─ + ─┘ (cross_layers > 0)
 
 The tower is [Linear -> BatchNorm1d (LayerNorm when dp_compatible) -> ReLU -> Dropout] per
 hidden width, with an optional QuantumNoiseLayer after the first block. The wide part is a
 first-order term, one learned scalar per category value, summed into the logit as in Wide & Deep
 (Cheng et al., 2016): additive per-ID effects, which dominate CTR, need no tower capacity.
+The optional cross network (DCN-v2, Wang et al., WWW 2021) runs beside the tower on the same fused
+vector, layer-normalised: x_{l+1} = x_0 * (W_l x_l + b_l) + x_l, so one layer holds every pairwise product of fused
+features (age embedding x text vector, placement x image vector) that a ReLU tower learns only
+slowly; a Linear head adds it to the logit.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from within.nn.encoders import EmbeddingTextEncoder, HashedTextEncoder, TabularE
 MODALITIES = ("tabular", "text", "image")
 _INPUT_KEYS = (
     "n_num", "cat_cardinalities", "cat_embedding_dims", "text_fields", "text_buckets",
-    "image_fields", "image_channels", "image_size", "text_embedding_dim",
+    "image_fields", "image_channels", "image_size", "text_embedding_dim", "image_augment",
 )
 
 
@@ -41,6 +46,24 @@ def _import_layer(module: str, name: str, option: str) -> Any:
             f"{option} needs {module}.{name}, which is not built yet or failed to import ({e}); "
             f"turn {option} off or install that module"
         ) from e
+
+
+def _augment_images(image: torch.Tensor) -> torch.Tensor:
+    """Per row, flip the images [B, n, C, H, W] left-right and up-down (each with probability 1/2) and
+    shift them circularly by a random offset: pixel statistics (colour balance, brightness,
+    contrast) stay exactly as they were, only position and orientation change."""
+    b, h, w = image.shape[0], image.shape[-2], image.shape[-1]
+    lead = (b,) + (1,) * (image.dim() - 1)
+    for dim in (-1, -2):
+        flip = torch.rand(b, device=image.device) < 0.5
+        image = torch.where(flip.view(lead), image.flip(dim), image)
+    for dim, size in ((-2, h), (-1, w)):
+        shift = torch.randint(0, size, (b,), device=image.device)
+        idx = (torch.arange(size, device=image.device)[None, :] - shift[:, None]) % size  # [B, size]
+        view = [b] + [1] * (image.dim() - 1)
+        view[dim] = size
+        image = image.gather(dim, idx.view(view).expand_as(image))
+    return image
 
 
 def _normalise_input_dim(input_dim: Mapping[str, Any]) -> dict[str, Any]:
@@ -58,6 +81,7 @@ def _normalise_input_dim(input_dim: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"input_dim[{key!r}] must be an int >= 0, got {v!r}")
         d[key] = int(v)
+    d["image_augment"] = bool(input_dim.get("image_augment", False))
     cards = input_dim.get("cat_cardinalities", [])
     if isinstance(cards, (str, bytes)) or not isinstance(cards, Sequence):
         raise TypeError(f"input_dim['cat_cardinalities'] must be a list of ints, got {cards!r}")
@@ -103,6 +127,13 @@ class AdPredictorNN(nn.Module):
         embedding_dim: one width for every categorical embedding (None = per-field rule).
         use_wide: add the first-order (wide) term over categorical values.
         image_pretrained, image_weights_path: passed to a timm image encoder.
+        cross_layers: DCN-v2 cross layers beside the tower (0 = none); see the module docstring.
+        text_token_dropout: word dropout in the hashed text encoder while training (see
+            HashedTextEncoder): stops the tower from recognising single ads by their word set.
+        image_augment: while training, flip and circularly shift each image at random (pixel
+            statistics unchanged), for the same reason; valid only where a creative's effect does
+            not depend on where its elements sit. None: as input_dim["image_augment"] says (set by
+            image fields with `augment: true` in the feature spec).
     """
 
     def __init__(
@@ -125,6 +156,9 @@ class AdPredictorNN(nn.Module):
         use_wide: bool = True,
         image_pretrained: bool = False,
         image_weights_path: str | None = None,
+        text_token_dropout: float = 0.0,
+        image_augment: bool | None = None,
+        cross_layers: int = 0,
     ) -> None:
         super().__init__()
         self.input_dim = _normalise_input_dim(input_dim)
@@ -135,6 +169,7 @@ class AdPredictorNN(nn.Module):
         if any(h < 1 for h in hidden_dims):
             raise ValueError(f"hidden_dims must be positive ints, got {hidden_dims}")
         self.dp_compatible = bool(dp_compatible)
+        self.image_augment = d["image_augment"] if image_augment is None else bool(image_augment)
         self.use_cross_modal = bool(use_cross_modal)
         self.hidden_dims = hidden_dims
         cards = d["cat_cardinalities"]
@@ -153,7 +188,10 @@ class AdPredictorNN(nn.Module):
         if d["text_fields"] and d["text_embedding_dim"]:
             self.text = EmbeddingTextEncoder(d["text_fields"], d["text_embedding_dim"], text_dim)
         elif d["text_fields"]:
-            self.text = HashedTextEncoder(d["text_fields"], d["text_buckets"], text_dim, dp_compatible=dp_compatible)
+            self.text = HashedTextEncoder(
+                d["text_fields"], d["text_buckets"], text_dim, dp_compatible=dp_compatible,
+                token_dropout=text_token_dropout,
+            )
         if d["text_fields"]:
             self.modalities.append("text")
             vec_dims["text"] = text_dim
@@ -207,6 +245,15 @@ class AdPredictorNN(nn.Module):
             width = h
         self.tower = nn.Sequential(*layers)
         self.head = nn.Linear(width, 1)
+        if int(cross_layers) < 0:
+            raise ValueError(f"cross_layers must be >= 0, got {cross_layers!r}")
+        self.cross = nn.ModuleList(nn.Linear(fused_dim, fused_dim) for _ in range(int(cross_layers)))
+        self.cross_head = nn.Linear(fused_dim, 1) if cross_layers else None
+        # The fused parts have unrelated scales, and products of them grow fast: normalise first.
+        self.cross_norm = nn.LayerNorm(fused_dim) if cross_layers else None
+        if self.cross_head is not None:  # start as the plain model; the cross term grows in as it helps
+            nn.init.zeros_(self.cross_head.weight)
+            nn.init.zeros_(self.cross_head.bias)
 
         self.wide = None
         if use_wide and cards:
@@ -295,7 +342,10 @@ class AdPredictorNN(nn.Module):
                 if self.wide is not None:
                     wide = self.wide(X["cat"] + self.wide_offsets).sum(dim=(1, 2))
             elif (key := self.text_key if m == "text" else m) in X:
-                vec = getattr(self, m)(X[key])
+                x = X[key]
+                if m == "image" and self.image_augment and self.training:
+                    x = _augment_images(x)
+                vec = getattr(self, m)(x)
             else:
                 # Modality absent from the batch: every row is missing.
                 vec, mask = None, torch.zeros(b, dtype=torch.bool, device=device)
@@ -329,7 +379,13 @@ class AdPredictorNN(nn.Module):
     def forward(self, X: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """AdBatch -> float32 logits [B]."""
         vecs, masks, raw, wide = self._encode(X)
-        logits = self.head(self.tower(self._fuse(vecs, masks, raw))).squeeze(-1).float()
+        fused = self._fuse(vecs, masks, raw)
+        logits = self.head(self.tower(fused)).squeeze(-1).float()
+        if self.cross_head is not None:
+            x0 = x = self.cross_norm(fused)
+            for layer in self.cross:
+                x = x0 * layer(x) + x
+            logits = logits + self.cross_head(x).squeeze(-1).float()
         return logits if wide is None else logits + wide.float()
 
     def feature_extraction(self, X: Mapping[str, torch.Tensor]) -> torch.Tensor:
