@@ -77,7 +77,8 @@ def test_aggregated_rows_score_like_their_impressions():
 
 def test_markdown_table_comes_from_the_json():
     summary = {m: {"auc_mean": a, "auc_sd": 0.01, "logloss_mean": 0.05, "logloss_sd": 0.002,
-                   "calib_ratio_mean": 1.0, "calib_ratio_sd": 0.1} for m, a in zip(rd.MODELS, (0.64, 0.63, 0.60, 0.59))}
+                   "calib_ratio_mean": 1.0, "calib_ratio_sd": 0.1}
+               for m, a in {"within": 0.64, "lr": 0.63, "hgb": 0.60, "hgb_hashed": 0.59}.items()}
     result = {"datasets": {"ipinyou": {"rows": 26773, "protocol": "kfold", "n_runs": 5, "split": {"method": "x"},
                                        "summary": summary, "acceptance": rd.acceptance("ipinyou", summary),
                                        "weighted": False}}}
@@ -96,6 +97,14 @@ def test_markdown_table_comes_from_the_json():
                                                  "summary": summary, "acceptance": acc, "weighted": False}}})
     assert "HistGradientBoosting (hashed text + image summaries) | 0.5900" in md
     assert "against the stronger stacked HGB: +0.0050, NOT met" in md
+    assert "met_by_ensemble" not in acc  # no ensemble run: no ensemble verdict
+    summary["within_ens"] = {**summary["within"], "auc_mean": 0.6}
+    acc = rd.acceptance("simulator", summary)
+    assert acc["met_by_ensemble"] is True and acc["ensemble_minus_hgb"] == pytest.approx(0.01)
+    md = rd.markdown({"datasets": {"simulator": {"rows": 10, "protocol": "seeds", "n_runs": 3, "split": {"method": "time"},
+                                                 "summary": summary, "acceptance": acc, "weighted": False}}})
+    assert "| within (model=ensemble: 3 nn, seeds s..s+2) | 0.6000" in md
+    assert "within model=ensemble (3 nn members): **met** (ensemble - HGB = +0.0100" in md
     summary.pop("hgb_hashed")
     assert rd.acceptance("simulator", summary) is None  # no baseline the rule names: no verdict
     one = rd.summarise([{"within": {"auc": 0.5, "logloss": 1.0, "calib_ratio": 1.0}}])["within"]
