@@ -138,3 +138,33 @@ def test_seed_facade_fits_an_ensemble(tmp_path):
     assert predictor.model_type == "ensemble"
     score, lower, upper = predictor.predict_with_intervals(df.iloc[:20])
     assert np.all((lower <= score) & (score <= upper))
+
+
+def test_member_overrides_train_members_of_another_type(tmp_path):
+    """ensemble.member_overrides[k - 1] applies to member k only: here member 1 gets a cross layer."""
+    from within.models.predictor import AdScorePredictor
+    from within.pipeline.train import run_train
+
+    overrides = [*FAST, "model=ensemble", "ensemble.size=2", "data.source.n=3000", "trainer.max_epochs=1",
+                 "model.net.hidden_dims=[16]", "postfit=[export]", "export.onnx=false",
+                 "ensemble.member_overrides=[{model.net.cross_layers: 1}]"]
+    run_train(compose_cfg("train", overrides, out_dir=tmp_path))
+    member1 = AdScorePredictor.load(tmp_path / "members" / "1" / "bundle")
+    assert len(member1.net.cross) == 1
+    ens = AdScorePredictor.load(tmp_path / "bundle")
+    assert [len(m.net.cross) for m in ens.base_models] == [0, 1]  # member 0 keeps this run's config
+
+
+@pytest.mark.parametrize("entry,match", [
+    ("[{model.net.no_such_key: 1}]", "not a key of this run's config"),
+    ("[{model.net.cross_layers: 1}, {model.net.cross_layers: 2}]", "at most size - 1 = 1"),
+    ("[{trainer.max_epoch: 2}]", "not a key"),
+])
+def test_member_overrides_are_checked_before_training(tmp_path, entry, match):
+    from within.pipeline.config import ConfigError
+    from within.pipeline.train import ensemble_settings
+
+    cfg = compose_cfg("train", [*FAST, "model=ensemble", "ensemble.size=2", f"ensemble.member_overrides={entry}"],
+                      out_dir=tmp_path)
+    with pytest.raises(ConfigError, match=match):
+        ensemble_settings(cfg)

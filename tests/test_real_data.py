@@ -103,8 +103,8 @@ def test_markdown_table_comes_from_the_json():
     assert acc["met_by_ensemble"] is True and acc["ensemble_minus_hgb"] == pytest.approx(0.01)
     md = rd.markdown({"datasets": {"simulator": {"rows": 10, "protocol": "seeds", "n_runs": 3, "split": {"method": "time"},
                                                  "summary": summary, "acceptance": acc, "weighted": False}}})
-    assert "| within (model=ensemble: 3 nn, seeds s..s+2) | 0.6000" in md
-    assert "within model=ensemble (3 nn members): **met** (ensemble - HGB = +0.0100" in md
+    assert "| within (model=ensemble: nn, nn + cross layer, regularised nn) | 0.6000" in md
+    assert "dropout 0.2): **met** (ensemble - HGB = +0.0100" in md
     summary.pop("hgb_hashed")
     assert rd.acceptance("simulator", summary) is None  # no baseline the rule names: no verdict
     one = rd.summarise([{"within": {"auc": 0.5, "logloss": 1.0, "calib_ratio": 1.0}}])["within"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,16 @@ from within.lit.history import MetricHistory
 from within.models.predictor import AdScorePredictor
 from within.pipeline.config import MODEL_SHORTCUTS, register_resolvers, validate_config
 from within.pipeline.linear import is_linear, run_linear
-from within.pipeline.report import plot_reliability, plot_training_curve, score_frame, write_markdown, write_metrics
+from within.pipeline.report import (
+    plot_reliability,
+    plot_training_curve,
+    score_frame,
+    write_markdown,
+    write_metrics,
+)
 from within.postfit import PostfitContext, postfit_test_metrics, report_sections, run_steps
 
+_MISSING = object()
 log = logging.getLogger(__name__)
 WANDB_ID_FILE = "wandb_run_id.txt"
 
@@ -233,6 +241,25 @@ def ensemble_settings(cfg: DictConfig) -> DictConfig | None:
         raise ConfigError(f"ensemble.size: {size}; train >= 1 members, or set 0 with ensemble.bundles=[path, ...]")
     if size == 0 and cfg.get("train", True):
         raise ConfigError("ensemble.size=0 assembles ensemble.bundles only; set train=false as well")
+    overrides = list(node.get("member_overrides") or [])
+    if len(overrides) > max(size - 1, 0):
+        raise ConfigError(f"ensemble.member_overrides: {len(overrides)} entries for members 1..{size - 1}; "
+                          f"give at most size - 1 = {max(size - 1, 0)} (member 0 is this run's own config)")
+    for k, entry in enumerate(overrides, start=1):
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"ensemble.member_overrides[{k - 1}]: expected a mapping of config keys to values, "
+                              f"e.g. {{model.net.cross_layers: 1}}, got {entry!r}")
+        member = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+        for key, value in entry.items():
+            if OmegaConf.select(cfg, str(key), default=_MISSING) is _MISSING:
+                raise ConfigError(f"ensemble.member_overrides[{k - 1}]: {key!r} is not a key of this run's config; "
+                                  "members take overrides of existing keys only (e.g. model.net.dropout_rate)")
+            with open_dict(member):
+                OmegaConf.update(member, str(key), value, merge=False)
+        try:  # a bad value fails now, not after member 0 has trained
+            validate_config(member)
+        except ConfigError as err:
+            raise ConfigError(f"ensemble.member_overrides[{k - 1}]: {err}") from err
     if size > 1 and privacy_enabled(cfg):
         raise ConfigError(f"ensemble.size={size} with privacy=dp trains {size} models on the same rows, spending "
                           "the privacy budget that many times; use ensemble.size=1 with ensemble.bundles, or privacy=none")
@@ -242,15 +269,19 @@ def ensemble_settings(cfg: DictConfig) -> DictConfig | None:
 def build_ensemble(cfg: DictConfig, node: DictConfig, own: AdScorePredictor, source: Any, out_dir: Path,
                    frames: dict[str, Any]) -> AdScorePredictor:
     """model=ensemble: this run's model is member 0; members 1..size-1 are full runs under members/<k>/
-    (same data and splits, model seed + k); ensemble.bundles are added as saved."""
+    (same data and splits, model seed + k, plus ensemble.member_overrides[k - 1] where given: members of
+    different model types); ensemble.bundles are added as saved."""
     import copy
 
     from within.models.ensemble import CalibratedEnsemble
 
     members = [own] if int(node.size) >= 1 else []
+    overrides = list(node.get("member_overrides") or [])
     for k in range(1, int(node.size)):
         sub = copy.deepcopy(cfg)
         with open_dict(sub):
+            for key, value in (overrides[k - 1] if k - 1 < len(overrides) else {}).items():
+                OmegaConf.update(sub, str(key), value, merge=False)
             sub.paths.output_dir = str(out_dir / "members" / str(k))
             sub.ensemble = {"member": k}
             sub.postfit, sub.test, sub.ckpt_path = ["export"], False, None
