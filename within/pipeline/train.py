@@ -249,13 +249,12 @@ def ensemble_settings(cfg: DictConfig) -> DictConfig | None:
         if not isinstance(entry, Mapping):
             raise ConfigError(f"ensemble.member_overrides[{k - 1}]: expected a mapping of config keys to values, "
                               f"e.g. {{model.net.cross_layers: 1}}, got {entry!r}")
-        member = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
-        for key, value in entry.items():
+        for key in entry:
             if OmegaConf.select(cfg, str(key), default=_MISSING) is _MISSING:
                 raise ConfigError(f"ensemble.member_overrides[{k - 1}]: {key!r} is not a key of this run's config; "
                                   "members take overrides of existing keys only (e.g. model.net.dropout_rate)")
-            with open_dict(member):
-                OmegaConf.update(member, str(key), value, merge=False)
+        member = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+        _apply_overrides(member, entry)
         try:  # a bad value fails now, not after member 0 has trained
             validate_config(member)
         except ConfigError as err:
@@ -264,6 +263,13 @@ def ensemble_settings(cfg: DictConfig) -> DictConfig | None:
         raise ConfigError(f"ensemble.size={size} with privacy=dp trains {size} models on the same rows, spending "
                           "the privacy budget that many times; use ensemble.size=1 with ensemble.bundles, or privacy=none")
     return node
+
+
+def _apply_overrides(cfg: DictConfig, entry: Mapping[str, Any]) -> None:
+    """Set each dotted key of `entry` in cfg (an ensemble member's own settings)."""
+    with open_dict(cfg):
+        for key, value in entry.items():
+            OmegaConf.update(cfg, str(key), value, merge=False)
 
 
 def build_ensemble(cfg: DictConfig, node: DictConfig, own: AdScorePredictor, source: Any, out_dir: Path,
@@ -280,8 +286,7 @@ def build_ensemble(cfg: DictConfig, node: DictConfig, own: AdScorePredictor, sou
     for k in range(1, int(node.size)):
         sub = copy.deepcopy(cfg)
         with open_dict(sub):
-            for key, value in (overrides[k - 1] if k - 1 < len(overrides) else {}).items():
-                OmegaConf.update(sub, str(key), value, merge=False)
+            _apply_overrides(sub, overrides[k - 1] if k - 1 < len(overrides) else {})
             sub.paths.output_dir = str(out_dir / "members" / str(k))
             sub.ensemble = {"member": k}
             sub.postfit, sub.test, sub.ckpt_path = ["export"], False, None
