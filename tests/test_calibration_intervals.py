@@ -67,6 +67,26 @@ def test_crossed_variance_components_are_recovered(fitted):
     assert fitted.params_["b"] == pytest.approx(1.05, abs=0.08)
 
 
+def test_spread_standard_error_matches_its_spread_over_label_redraws():
+    """tau2_se is the moment noise from the labels' own Bernoulli noise: over fresh label draws of one
+    world the estimates scatter by about that much, and fewer rows mean more noise and a wider band."""
+    def fit(n, seed):
+        s, y, _, keys = simulate(n, seed=seed)
+        return ProbabilityIntervals().fit(s, y, keys=keys)
+
+    fits = [fit(40_000, 20 + i) for i in range(8)]
+    tau2 = np.array([f.params_["tau2"] for f in fits])
+    se = np.array([f.params_["tau2_se"] for f in fits])
+    assert 0.6 <= se.mean() / tau2.std(ddof=1) <= 1.7, (se.mean(), tau2.std(ddof=1))
+    big = fit(200_000, 40)
+    assert big.params_["tau2_se"] < 0.5 * se.mean()  # pairs grow with the square of the rows per unit
+    low, high = fits[0].coverage_band(0.1)
+    big_low, big_high = big.coverage_band(0.1)
+    assert low < big_low < 0.9 < big_high < high
+    assert ProbabilityIntervals(residual_var=0.1).fit(*simulate(5_000, seed=1)[:2]).coverage_band(0.1) == \
+        pytest.approx((0.9, 0.9))  # a given spread has no moment noise
+
+
 def test_without_keys_the_spread_is_not_identified_and_says_so(test_set):
     s, y, true_p, _ = test_set
     with pytest.raises(ValueError, match="not identified from 0/1 labels alone"):

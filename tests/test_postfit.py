@@ -52,6 +52,11 @@ def test_full_postfit_run_writes_every_artifact(run):
     intervals = json.loads((run / "report" / "postfit.json").read_text())["intervals"]
     assert intervals["uses_members"] is True and intervals["split"] == "val+calib"  # never test
     assert "calib/interval_coverage_true" in metrics
+    # the spread's moment noise and the coverage band it implies, in the metrics and the report
+    se, low, high = (metrics[f"intervals/{k}"] for k in ("tau2_se", "coverage_band_low", "coverage_band_high"))
+    assert se > 0 and 0.0 <= low <= 0.9 <= high <= 1.0
+    assert intervals["params"]["tau2_se"] == pytest.approx(se)
+    assert "one standard error either way would give coverage" in report
 
 
 def test_interval_rows_never_include_test():
@@ -114,7 +119,9 @@ def test_int8_file_rebuilds_the_quantized_model(run, fresh):
     assert int8.base_models[0].net is not fp32.base_models[0].net
     p32, p8 = fp32.predict(fresh), int8.predict(fresh)
     assert np.all(np.isfinite(p8)) and np.max(np.abs(p8 - p32)) < 0.05
-    assert "quantized" in type(int8.base_models[0].net.tower[0]).__module__
+    first = int8.base_models[0].net.tower[0]  # SmoothQuant wrapper around the int8 Linear
+    assert "quantized" in type(first.linear).__module__
+    assert not torch.allclose(first.input_scale, torch.ones_like(first.input_scale))  # the scales were saved
 
 
 @settings(max_examples=12, deadline=None)
@@ -181,3 +188,22 @@ def test_paired_timing_measures_a_real_speedup_and_its_noise_floor():
     assert set(parts) == {"inner", "total", "other"}
     # inner and total are separate timings: on a loaded CPU inner can exceed total by noise alone
     assert 0 < parts["inner"] <= parts["total"] * 2, parts
+
+
+def test_a_noisy_spread_warns_with_the_fix(caplog):
+    from within.calibration.intervals import ProbabilityIntervals
+    from within.postfit.intervals import warn_if_uncertain
+
+    rng = np.random.default_rng(0)
+    n = 6000
+    item = rng.integers(0, 300, n)
+    s = rng.normal(-3.0, 0.7, n)
+    y = rng.binomial(1, 1 / (1 + np.exp(-(s + rng.normal(0, 0.4, 300)[item]))))
+    few = ProbabilityIntervals().fit(s, y, keys={"item": item})
+    with caplog.at_level("WARNING", logger="within.postfit.intervals"):
+        warn_if_uncertain(few, 0.1, n, "calib")
+    assert "fit on more held-out rows (data.split.calib_frac, intervals.splits)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="within.postfit.intervals"):
+        warn_if_uncertain(ProbabilityIntervals(residual_var=0.1).fit(s, y), 0.1, n, "calib")
+    assert caplog.text == ""  # a spread given from outside has no moment noise

@@ -52,7 +52,17 @@ unit): on 80k calib rows the coverage over label redraws was 0.86 +- 0.13 (rho 0
 
 Assumptions (say them when quoting coverage): the residual is (close to) a sum of effects of the
 keys and their pairs; a part unique to a single row, shared by no pair, is not seen, which
-narrows the interval. The estimate is a moment estimate from click products, so it needs many
+narrows the interval. On the default simulator that assumption fails by a measured margin
+(benchmarks/interval_identifiability.py, seed-11 default model, 480k fresh rows): solving the same
+equations on the TRUE residual, with no label noise, sees 72% of its variance (0.136 of 0.189;
+the rest is the network's own error in cells of three or more fields, e.g. ad x age x placement).
+With labels the estimate is also noisy, and NNLS clipping of the many near-zero components biases
+it upward: over label redraws, 0.165 +- 0.048 on 160k fit rows (coverage 0.86 +- 0.06) and
+0.131 +- 0.010 on 480k (coverage 0.84 +- 0.02). So more rows make the interval steadier but not
+wider; coverage near 0.9 on 160k rows is that upward bias offsetting the unseen share, not a
+property of the method. `params_["tau2_se"]` (the analytic moment noise) and `coverage_band`
+say how far the noise alone can move coverage; nothing here measures the unseen share without
+the truth. The estimate is a moment estimate from click products, so it needs many
 pairs: at 3% CTR a few hundred thousand pairs per key (tens of thousands of calib rows) before
 the noise is small. With an ensemble, the identified tau^2 is spread over rows in proportion to
 the members' disagreement (h_i = u_i^2 / mean(u^2), clipped to [1/4, 4] and renormalised to mean
@@ -151,10 +161,16 @@ def finest_fields(keys: Mapping[str, Any], n: int) -> dict[str, np.ndarray]:
 
 
 def crossed_error_variance(
-    resid: np.ndarray, w: np.ndarray, fields: Mapping[str, np.ndarray], pairs: bool = True
-) -> dict[str, float]:
+    resid: np.ndarray, w: np.ndarray, fields: Mapping[str, np.ndarray], pairs: bool = True,
+    noise_var: np.ndarray | None = None,
+) -> tuple[dict[str, float], float]:
     """tau_k^2 per key (fields and, with `pairs`, every pair of fields) from the moment equations in
-    the module docstring. `resid` = y - n q (click residuals), `w` = n q (1 - q), fields = codes."""
+    the module docstring, and the standard error of their sum. `resid` = y - n q (click residuals),
+    `w` = n q (1 - q), fields = codes. `noise_var` (per row, the variance of `resid` from the labels'
+    own Bernoulli noise) gives the standard error: pair products of independent residuals have
+    Cov(P_k, P_l) = 2 sum over pairs sharing k and l of v_i v_j, carried through the least-squares
+    solution on its active set (the clipping of NNLS and the signal's own variance are ignored, so
+    it is a lower bound when many components sit near zero). NaN without `noise_var`."""
     names = list(fields)
     keys: list[tuple[str, ...]] = [(f,) for f in names]
     if pairs:
@@ -173,14 +189,28 @@ def crossed_error_variance(
     k = len(keys)
     P = np.array([_pair_sum(code(key), resid, resid) for key in keys])
     S = np.zeros((k, k))
+    V = np.zeros((k, k))
     for i, j in itertools.combinations_with_replacement(range(k), 2):
-        S[i, j] = S[j, i] = _pair_sum(code(keys[i] + keys[j]), w, w)
+        c = code(keys[i] + keys[j])
+        S[i, j] = S[j, i] = _pair_sum(c, w, w)
+        if noise_var is not None:
+            V[i, j] = V[j, i] = 2.0 * _pair_sum(c, noise_var, noise_var)
     ok = np.diag(S) > 0
     tau2 = np.zeros(k)
+    se = float("nan")
     if ok.any():
         scale = np.sqrt(np.diag(S)[ok])  # each equation per unit of its own information
-        tau2[ok], _ = nnls(S[np.ix_(ok, ok)] / scale[:, None], P[ok] / scale)
-    return {"x".join(key): float(t) for key, t in zip(keys, tau2)}
+        A, b = S[np.ix_(ok, ok)] / scale[:, None], P[ok] / scale
+        tau2[ok], _ = nnls(A, b)
+        if noise_var is not None:
+            active = tau2[ok] > 0
+            if not active.any():  # all clipped to 0: the noise of the unconstrained solution
+                active[:] = True
+            # tau2_active = G P_ok, G = (A_a' A_a)^-1 A_a' diag(1 / scale)
+            Aa = A[:, active]
+            g = (np.linalg.pinv(Aa.T @ Aa) @ Aa.T / scale[None, :]).sum(axis=0)
+            se = float(np.sqrt(max(g @ V[np.ix_(ok, ok)] @ g, 0.0)))
+    return {"x".join(key): float(t) for key, t in zip(keys, tau2)}, se
 
 
 class ProbabilityIntervals:
@@ -264,6 +294,7 @@ class ProbabilityIntervals:
         tau2 = self.residual_var if self.residual_var is not None else 0.0
         ab = np.array([0.0, 1.0])
         comps: dict[str, float] = {}
+        tau2_se = 0.0  # residual_var is given, not estimated
         for _ in range(self.n_rounds if self.residual_var is None else 1):
             ab = self._fit_ab(s, tau2 * h, clicks, imps, ab)
             if self.residual_var is not None:
@@ -273,11 +304,12 @@ class ProbabilityIntervals:
             # the row's spread enters the pair products as sqrt(h_i h_j): scale the residuals by it
             resid, w = (clicks - imps * q) / np.sqrt(h), imps * q * (1 - q)
             phi = np.maximum(w, 1e-12) ** -self.weight_power  # toward the row average (docstring)
-            comps = crossed_error_variance(resid * phi, w * phi, fields, pairs=self.pairs)
+            comps, tau2_se = crossed_error_variance(resid * phi, w * phi, fields, pairs=self.pairs,
+                                                    noise_var=w / h * phi**2)
             tau2 = float(sum(comps.values()))
         ab = self._fit_ab(s, tau2 * h, clicks, imps, ab) if self.residual_var is None else ab
         self.params_ = {"a": float(ab[0]), "b": float(ab[1]), "tau2": float(tau2), "mean_member_var": mean_u2,
-                        "mean_h": mean_h}
+                        "mean_h": mean_h, "tau2_se": float(tau2_se)}
         self.components_ = comps
         self.fitted_ = True
         return self
@@ -310,6 +342,20 @@ class ProbabilityIntervals:
         sd = np.sqrt(v)
         lo, hi = expit(m - z * sd), expit(m + z * sd)
         return p, np.minimum(lo, p), np.maximum(hi, p)
+
+    def coverage_band(self, alpha: float = 0.1) -> tuple[float, float]:
+        """Coverage the 1 - alpha intervals would have if the truth's spread were tau^2 + se or
+        tau^2 - se (se: the moment noise of tau^2): how much the fitted width can be trusted. It
+        says nothing of a spread that the keys cannot see (module docstring)."""
+        if not self.fitted_:
+            raise RuntimeError("ProbabilityIntervals: not fitted; call fit first")
+        z = norm.ppf(1 - _check_alpha(alpha) / 2)
+        tau2, se = self.params_["tau2"], self.params_.get("tau2_se", 0.0)
+        if tau2 <= 0:
+            return 0.0, 0.0
+        low = 2 * norm.cdf(z * math.sqrt(tau2 / (tau2 + se))) - 1
+        high = 1.0 if se >= tau2 else 2 * norm.cdf(z * math.sqrt(tau2 / (tau2 - se))) - 1
+        return float(low), float(high)
 
     def to_dict(self) -> dict[str, Any]:
         if not self.fitted_:

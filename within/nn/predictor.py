@@ -29,6 +29,7 @@ from torch import nn
 
 from within.nn.attention import CrossModalAttention
 from within.nn.encoders import EmbeddingTextEncoder, HashedTextEncoder, TabularEncoder, build_image_encoder
+from within.nn.smoothquant import smooth_linears
 
 MODALITIES = ("tabular", "text", "image")
 _INPUT_KEYS = (
@@ -428,14 +429,17 @@ class AdPredictorNN(nn.Module):
         model.tower = nn.Sequential(*layers)
         return model
 
-    def quantize(self) -> nn.Module:
+    def quantize(self, calibration: Mapping[str, torch.Tensor] | None = None, smooth_alpha: float = 0.5) -> nn.Module:
         """An int8 copy for CPU inference (dynamic quantization of the Linear layers); self is untouched.
 
-        BatchNorm is folded first, so each quantized Linear carries the whole affine map.
+        BatchNorm is folded first, so each quantized Linear carries the whole affine map. With a
+        `calibration` AdBatch (a few thousand held-out rows), SmoothQuant first moves wide input
+        channels into the weights (within/nn/smoothquant.py, `smooth_alpha`); without it the
+        scales are 1, which is the structure a saved int8 state is loaded into.
         torchao's int8 dynamic quantization is used when it imports and runs; otherwise
         torch.ao.quantization.quantize_dynamic, which PyTorch has deprecated in favour of torchao.
         """
-        base = self.fuse_bn().cpu()
+        base = smooth_linears(self.fuse_bn().cpu(), calibration, smooth_alpha)
         probe = self.example_batch(self.input_dim, 4)
         try:
             from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_

@@ -13,8 +13,16 @@ default run's model, 80k calib rows gave coverage of true_ctr 0.86 +- 0.13 and 1
 0.87 +- 0.03 (weight_power 0; 0.91 +- 0.02 at 0.5, and 0.86 +- 0.06 at 0.5 on seed 11's model). Val
 only chose the early-stopping epoch, which barely touches the pair covariances; the calibrator
 itself still fits on calib alone.
+
+The step also reports the spread's moment noise (`intervals/tau2`, `intervals/tau2_se`, and
+`intervals/coverage_band_low/high`: the coverage if the truth's spread were one standard error
+away) and warns when that noise is over 25% of the spread. What it cannot report is the share of
+the spread no pair of rows sees (see within/calibration/intervals.py and
+benchmarks/interval_identifiability.py).
 """
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import pandas as pd
@@ -22,6 +30,7 @@ import pandas as pd
 from within.postfit.context import PostfitContext, labels_of
 
 CONTENT_KEY = "content"
+log = logging.getLogger(__name__)
 
 
 def interval_keys(predictor, frame: pd.DataFrame, columns: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -75,6 +84,8 @@ class Intervals:
         ctx.predictor.intervals = intervals
         calib_split, calib_frame = ctx.calibration_frame()
         ctx.metrics.update(interval_metrics(ctx.predictor, calib_frame, calib_split, alpha))
+        ctx.metrics.update(spread_metrics(intervals, alpha))
+        warn_if_uncertain(intervals, alpha, len(frame), split)
         ctx.metadata["intervals"] = {"split": split, "alpha": alpha, "uses_members": members is not None,
                                      "method": "berkson_crossed_moments", "keys": sorted(keys),
                                      "params": intervals.params_,
@@ -88,6 +99,27 @@ class Intervals:
         if not parts:
             return ctx.calibration_frame()
         return "+".join(parts), pd.concat(list(parts.values()), ignore_index=True)
+
+
+def spread_metrics(intervals, alpha: float) -> dict[str, float]:
+    """The fitted spread tau^2, its moment standard error, and the coverage band that error implies."""
+    low, high = intervals.coverage_band(alpha)
+    return {"intervals/tau2": intervals.params_["tau2"], "intervals/tau2_se": intervals.params_.get("tau2_se", 0.0),
+            "intervals/coverage_band_low": low, "intervals/coverage_band_high": high}
+
+
+def warn_if_uncertain(intervals, alpha: float, rows: int, split: str, max_rel_se: float = 0.25) -> None:
+    """A warning, with the fix, when the moment noise alone could move coverage far from 1 - alpha."""
+    tau2, se = intervals.params_["tau2"], intervals.params_.get("tau2_se", 0.0)
+    if intervals.residual_var is not None or not se > max_rel_se * tau2:
+        return
+    low, high = intervals.coverage_band(alpha)
+    log.warning(
+        "intervals: the truth's spread around the score is %.3f +- %.3f (from %s, %d rows), so the %.0f%% "
+        "intervals may cover anywhere from %.2f to %.2f of true CTRs. The noise falls like 1 / rows: fit on more "
+        "held-out rows (data.split.calib_frac, intervals.splits), or set intervals.residual_var from a study "
+        "with known truth. (Neither shows the spread that no pair of rows shares; see "
+        "benchmarks/interval_identifiability.py.)", tau2, se, split, rows, 100 * (1 - alpha), low, high)
 
 
 def interval_metrics(predictor, frame, split: str = "test", alpha: float = 0.1) -> dict[str, float]:

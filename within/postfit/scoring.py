@@ -42,9 +42,14 @@ def report_sections(metrics: dict[str, float], split: str = "test", alpha: float
         cov = metrics.get(f"{split}/interval_coverage_true")
         lines = [f"Central {1 - alpha:.0%} intervals for the true click probability (ProbabilityIntervals: "
                  "the true logit regressed on the score, a Berkson model, with its spread estimated from "
-                 "calib rows that share a unit; see within/calibration/intervals.py).", "",
+                 "val + calib rows that share a unit; see within/calibration/intervals.py).", "",
                  f"- mean width: {metrics[f'{split}/interval_width']:.5f}"]
         lines.append(f"- coverage of the true CTR: {cov:.4f} (target {1 - alpha:.2f})" if cov is not None
                      else "- coverage of the true CTR: no truth column in this data")
+        if "intervals/tau2_se" in metrics:
+            lines.append(f"- spread of the true logit around the score: tau^2 = {metrics['intervals/tau2']:.4f} "
+                         f"+- {metrics['intervals/tau2_se']:.4f} (moment noise); one standard error either way "
+                         f"would give coverage {metrics['intervals/coverage_band_low']:.2f} to "
+                         f"{metrics['intervals/coverage_band_high']:.2f}")
         sections["Prediction intervals"] = "\n".join(lines)
     return sections
