@@ -76,6 +76,8 @@ def test_interval_rows_never_include_test():
 @pytest.mark.parametrize("override, match", [
     ("intervals.splits=[calib,test]", "intervals.splits: 'test' is not allowed"),
     ("intervals.weight_power=2", r"intervals.weight_power: must be in \[0, 1\]"),
+    ("quantize.smooth_alpha=1.5", r"quantize.smooth_alpha: must be in \[0, 1\]"),
+    ("quantize.calibration_rows=0", "quantize.calibration_rows: must be an integer >= 1"),
 ])
 def test_bad_interval_settings_fail_before_training(tmp_path, override, match):
     from within.pipeline.config import ConfigError, validate_config

@@ -96,6 +96,15 @@ def _check_train_semantics(cfg: DictConfig) -> None:
         power = cfg.intervals.get("weight_power", 0.5)
         if not isinstance(power, (int, float)) or isinstance(power, bool) or not 0 <= power <= 1:
             raise ConfigError(f"intervals.weight_power: must be in [0, 1] (0: w^2-weighted, 1: row average), got {power!r}")
+    if "quantize" in (cfg.get("postfit") or []) and cfg.get("quantize"):
+        alpha = cfg.quantize.get("smooth_alpha", 0.5)
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha <= 1:
+            raise ConfigError(f"quantize.smooth_alpha: must be in [0, 1] (SmoothQuant strength; 0.5 is the paper's "
+                              f"default), got {alpha!r}")
+        rows = cfg.quantize.get("calibration_rows", 4096)
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
+            raise ConfigError(f"quantize.calibration_rows: must be an integer >= 1 (calib rows for SmoothQuant's "
+                              f"activation ranges), got {rows!r}")
 
 
 def _check_type(key: str, value: Any, expected: Any) -> None:

@@ -39,6 +39,11 @@ INT8_FILE = "model_int8.safetensors"
 _QLINEAR_TYPES: tuple[type, ...] = (torch.ao.nn.quantized.dynamic.Linear,)
 
 
+def member_batches(members: list[Any], frame: Any) -> list[dict[str, torch.Tensor]]:
+    """The frame as one AdBatch per member (each member has its own feature processor)."""
+    return [{k: torch.as_tensor(v) for k, v in m.processor.transform(frame).items()} for m in members]
+
+
 @contextlib.contextmanager
 def swapped_nets(members: list[Any], nets: list[nn.Module]) -> Iterator[None]:
     """Temporarily give each member another network (its int8 copy)."""
@@ -232,7 +237,7 @@ class Quantize:
         with swapped_nets(members, int8):
             p8 = np.asarray(ctx.predictor.predict(frame))
         sample = frame.sample(n=batch_size, replace=len(frame) < batch_size, random_state=0)
-        batches = [{k: torch.as_tensor(v) for k, v in m.processor.transform(sample).items()} for m in members]
+        batches = member_batches(members, sample)
         timing = compare_forward(fp32, int8, batches, repeats)
         # the same measurement of fp32 against itself: how far from 1 noise alone moves the ratio
         timing["null_speedup_fp32_vs_fp32"] = compare_forward(fp32, fp32, batches, repeats)["speedup"]
@@ -263,7 +268,7 @@ class Quantize:
         _, frame = ctx.calibration_frame()
         if len(frame) > rows:
             frame = frame.sample(n=rows, random_state=0)
-        return [{k: torch.as_tensor(v) for k, v in m.processor.transform(frame).items()} for m in members]
+        return member_batches(members, frame)
 
     @staticmethod
     @torch.no_grad()
