@@ -87,21 +87,22 @@ def main() -> None:
     truth = frame[predictor.processor.spec.truth].to_numpy(dtype=np.float64)
     fit_rows, eval_rows = np.arange(sizes[-1]), np.arange(sizes[-1], len(frame))
     keys = interval_keys(predictor, frame)
+    y_fit = frame[predictor.processor.spec.label].to_numpy()[fit_rows]  # the observed labels
+    fit_keys = {k: v[fit_rows] for k, v in keys.items()}
 
     # 1. seen share, on the fit rows with a, b from the largest observed-label fit
     reference = ProbabilityIntervals(weight_power=weight_power, max_fit_rows=10**8).fit(
-        s[fit_rows], frame[predictor.processor.spec.label].to_numpy()[fit_rows],
-        keys={k: v[fit_rows] for k, v in keys.items()})
+        s[fit_rows], y_fit, keys=fit_keys)
     a, b = reference.params_["a"], reference.params_["b"]
     resid = logit(np.clip(truth, 1e-9, 1 - 1e-9)) - (a + b * s)
-    fields = finest_fields({k: v[fit_rows] for k, v in keys.items()}, len(fit_rows))
+    fields = finest_fields(fit_keys, len(fit_rows))
     results = {"run": str(args.run), "rows_fresh": len(frame), "sample_seed": args.sample_seed,
                "weight_power": weight_power, "alpha": args.alpha,
                "oracle": seen_share(resid[fit_rows], fields),
                "oracle_fields_only": seen_share(resid[fit_rows], fields, pairs=False)["seen_share"]}
     # the coverage a perfectly known, constant spread would give (the Gaussian-logit shape alone)
     oracle_fixed = ProbabilityIntervals(residual_var=float(resid[fit_rows].var())).fit(
-        s[fit_rows], frame[predictor.processor.spec.label].to_numpy()[fit_rows])
+        s[fit_rows], y_fit)
     _, lo, hi = oracle_fixed.interval(s[eval_rows], args.alpha)
     results["oracle"]["coverage_with_true_variance"] = coverage(lo, hi, truth[eval_rows])
 
