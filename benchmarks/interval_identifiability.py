@@ -14,14 +14,23 @@ fields). Two things decide whether its coverage of true_ctr lands near 1 - alpha
 It needs a trained simulator run (its bundle) and draws fresh impressions of the same world
 (`sample_seed`), so none of the rows was used to train or fit the run.
 
+3. With `--partner <run>`, a second run of the same world trained on an INDEPENDENT sample
+   (`data.source.sample_seed=<other>`): the covariance of the two models' true residuals is their
+   shared (approximation) error, the rest is each model's estimation noise from its own training
+   labels; and the seen share of their average says whether averaging away the noise leaves an
+   error that pairs can see.
+
     python train.py                                  # any simulator run
     python benchmarks/interval_identifiability.py --run outputs/train/runs/<ts>
+    python train.py seed=7 data.source.sample_seed=1007 hydra.run.dir=outputs/partner   # optional
+    python benchmarks/interval_identifiability.py --run <run> --partner outputs/partner
     # writes benchmarks/results/interval_identifiability.json and .md
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -44,6 +53,31 @@ def seen_share(resid_true: np.ndarray, fields: dict[str, np.ndarray], pairs: boo
             "top_components": top}
 
 
+def partner_comparison(s_main: np.ndarray, s_partner: np.ndarray, true_logit: np.ndarray, y: np.ndarray,
+                       keys: dict[str, np.ndarray], fields: dict[str, np.ndarray], weight_power: float) -> dict:
+    """Split the run's error into a part shared with a model trained on independent data (approximation
+    error) and a part of its own (estimation noise), and measure what pairs see of the averaged model's
+    error. Each model's a, b come from its own fit on the observed labels, as in a run."""
+    from within.calibration.intervals import ProbabilityIntervals
+
+    resid = {}
+    for name, s in (("run", s_main), ("partner", s_partner), ("average", (s_main + s_partner) / 2)):
+        fit = ProbabilityIntervals(weight_power=weight_power, max_fit_rows=10**8).fit(s, y, keys=keys)
+        resid[name] = true_logit - (fit.params_["a"] + fit.params_["b"] * s)
+    c = np.cov(resid["run"], resid["partner"])
+    average = seen_share(resid["average"], fields)
+    return {"var_run": float(c[0, 0]), "var_partner": float(c[1, 1]), "cov_shared": float(c[0, 1]),
+            "shared_share": float(c[0, 1] / math.sqrt(c[0, 0] * c[1, 1])),
+            "var_average": average["var_true_resid"], "seen_share_average": average["seen_share"]}
+
+
+def sample_seed_of(metadata: dict) -> tuple[int, int]:
+    """(world seed, sample seed) of a simulator run."""
+    source = metadata["config"]["data"]["source"]
+    seed = int(source["seed"])
+    return seed, seed if source.get("sample_seed") is None else int(source["sample_seed"])
+
+
 def fresh_sample(metadata: dict, rows: int, sample_seed: int):
     from within.data.simulator import simulate
 
@@ -58,6 +92,7 @@ def fresh_sample(metadata: dict, rows: int, sample_seed: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="a simulator run directory (holds bundle/)")
+    ap.add_argument("--partner", help="optional: a run of the same world trained on another data.source.sample_seed")
     ap.add_argument("--sizes", default="80000,160000,320000,480000", help="fit-set sizes (rows)")
     ap.add_argument("--eval-rows", type=int, default=160_000, help="held-out rows that score coverage")
     ap.add_argument("--redraws", type=int, default=5, help="label redraws per size")
@@ -78,6 +113,18 @@ def main() -> None:
     predictor = AdScorePredictor.load(bundle)
     metadata = json.loads((bundle / "metadata.json").read_text())["metadata"]
     settings = metadata["config"].get("intervals", {})
+    partner = None
+    if args.partner:
+        partner_bundle = Path(args.partner) / "bundle"
+        if not (partner_bundle / "metadata.json").exists():
+            raise SystemExit(f"--partner: {partner_bundle} has no metadata.json; pass a run directory written by train.py")
+        partner_meta = json.loads((partner_bundle / "metadata.json").read_text())["metadata"]
+        (world, rows_seed), (p_world, p_rows_seed) = sample_seed_of(metadata), sample_seed_of(partner_meta)
+        if world != p_world or rows_seed == p_rows_seed:
+            raise SystemExit(f"--partner: needs the same world (seed {world}) trained on other rows; it has seed {p_world} "
+                             f"and sample seed {p_rows_seed} (run: {rows_seed}). Train it with "
+                             f"seed={world} data.source.sample_seed=<another value>")
+        partner = AdScorePredictor.load(partner_bundle)
     weight_power = float(settings.get("weight_power", 0.5))
     sizes = sorted(int(x) for x in args.sizes.split(","))
     start = time.time()
@@ -101,6 +148,12 @@ def main() -> None:
                "oracle": seen_share(resid[fit_rows], fields),
                "oracle_fields_only": seen_share(resid[fit_rows], fields, pairs=False)["seen_share"]}
     # the coverage a perfectly known, constant spread would give (the Gaussian-logit shape alone)
+    if partner is not None:
+        s_partner = np.asarray(partner.logits_with_members(frame)[0], dtype=np.float64)
+        results["partner"] = {"run": str(args.partner), **partner_comparison(
+            s[fit_rows], s_partner[fit_rows], logit(np.clip(truth[fit_rows], 1e-9, 1 - 1e-9)), y_fit, fit_keys,
+            fields, weight_power)}
+        print(json.dumps(results["partner"]), flush=True)
     oracle_fixed = ProbabilityIntervals(residual_var=float(resid[fit_rows].var())).fit(
         s[fit_rows], y_fit)
     _, lo, hi = oracle_fixed.interval(s[eval_rows], args.alpha)
@@ -139,6 +192,16 @@ def markdown(r: dict) -> str:
         f"Gaussian-logit intervals cover **{o['coverage_with_true_variance']:.3f}** at alpha {r['alpha']}"),
         (f"- seen by field and field-pair effects (true residuals, no label noise): {o['seen_by_keys']:.4f} = "
         f"**{o['seen_share']:.0%}** (fields alone: {r['oracle_fields_only']:.0%})"),
+    ]
+    if "partner" in r:
+        p = r["partner"]
+        lines += [
+            (f"- against a partner trained on an independent sample ({p['run']}): the two errors share "
+             f"{p['cov_shared']:.4f} of {p['var_run']:.4f} / {p['var_partner']:.4f} (correlation **{p['shared_share']:.2f}**); "
+             f"the rest is each model's own estimation noise"),
+            (f"- their average: error variance {p['var_average']:.4f}, of which pairs see **{p['seen_share_average']:.0%}**"),
+        ]
+    lines += [
         "",
         "| fit rows | tau^2 over label redraws | mean analytic se | coverage of true_ctr |",
         "| --- | --- | --- | --- |",

@@ -33,3 +33,30 @@ def test_seen_share_is_whole_for_pair_effects_and_misses_a_three_way_effect():
     assert pair_part - 0.05 < part["seen_share"] < 0.88
     # fields alone see the a effect and the a-level means of the others (measured 0.30)
     assert ii.seen_share(three_way, fields, pairs=False)["seen_share"] < 0.45
+
+
+def test_partner_comparison_splits_shared_error_from_each_models_noise():
+    # both scores carry the truth's signal z plus their own noise; the Berkson residual of each is
+    # (1 - b) z - b n_k, so the errors share (1 - b)^2 var(z) with b = var z / (var z + var n) = 5/6
+    rng = np.random.default_rng(1)
+    n = 200_000
+    z = rng.normal(0, np.sqrt(0.5), n)
+    truth = -3.5 + z
+    s_main, s_partner = z + rng.normal(0, np.sqrt(0.1), n), z + rng.normal(0, np.sqrt(0.1), n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-truth))).astype(float)
+    keys = {"k": rng.integers(0, 500, n)}
+    out = ii.partner_comparison(s_main, s_partner, truth, y, keys, {"k": keys["k"]}, weight_power=0.5)
+    b = 0.5 / 0.6
+    shared, own = (1 - b) ** 2 * 0.5, b**2 * 0.1
+    assert out["shared_share"] == pytest.approx(shared / (shared + own), abs=0.06)
+    assert out["var_run"] == pytest.approx(shared + own, rel=0.15)
+    # averaging halves the noise part; what is left is still row-level, which one key cannot see
+    assert out["var_average"] < out["var_run"]
+    assert out["seen_share_average"] < 0.3
+
+
+def test_sample_seed_of_reads_the_rows_seed_or_falls_back_to_the_world_seed():
+    meta = {"config": {"data": {"source": {"seed": 7, "sample_seed": None}}}}
+    assert ii.sample_seed_of(meta) == (7, 7)
+    meta["config"]["data"]["source"]["sample_seed"] = 1007
+    assert ii.sample_seed_of(meta) == (7, 1007)
