@@ -91,6 +91,19 @@ def compare_forward(fp32: list[nn.Module], int8: list[nn.Module], batch: list[di
             "repeats": int(t32.size), "threads": threads}
 
 
+def warn_if_timing_is_noise(timing: dict[str, float], tolerance: float = 0.1) -> bool:
+    """Warn (and say True) when fp32 timed against itself is more than `tolerance` from 1: then the
+    machine's load, not int8, moves the speedup. Measured here: with 2 torch threads on a 2-core
+    machine whose other core was busy, alternate calls of one network ran 3x apart."""
+    null = timing["null_speedup_fp32_vs_fp32"]
+    if abs(null - 1.0) <= tolerance:
+        return False
+    log.warning("postfit quantize: fp32 timed against itself gave a speedup of %.2f, so the int8 speedup (%.2f) "
+                "is load noise, not a measurement. Rerun on a quiet machine, or with fewer torch threads than "
+                "free cores (OMP_NUM_THREADS).", null, timing["speedup"])
+    return True
+
+
 @torch.no_grad()
 def time_breakdown(net: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 7) -> dict[str, float]:
     """Median milliseconds per top-level submodule (forward hooks) and for the whole forward;
@@ -241,6 +254,7 @@ class Quantize:
         timing = compare_forward(fp32, int8, batches, repeats)
         # the same measurement of fp32 against itself: how far from 1 noise alone moves the ratio
         timing["null_speedup_fp32_vs_fp32"] = compare_forward(fp32, fp32, batches, repeats)["speedup"]
+        warn_if_timing_is_noise(timing)
         ctx.metrics.update({
             "quantize/auc_delta": auc(p8, y, weight=w) - auc(p32, y, weight=w),
             "quantize/logloss_delta": logloss(p8, y, weight=w) - logloss(p32, y, weight=w),
