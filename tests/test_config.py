@@ -90,3 +90,26 @@ def test_features_follow_data_choice(tmp_path):
     cfg = compose_cfg("train", [], out_dir=tmp_path)
     assert Path(CONF / "features" / "synthetic.yaml").exists()
     assert cfg.features.label == "clicked"
+
+
+def test_a_user_error_ends_the_run_with_its_message_not_a_traceback(capsys, monkeypatch):
+    from within.pipeline.console import exit_on_user_error
+
+    def bad(_cfg):
+        raise ConfigError("quantize.smooth_alpha: must be in [0, 1], got 2")
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        exit_on_user_error(bad, None)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "error: quantize.smooth_alpha: must be in [0, 1], got 2\n"
+
+    def bug(_cfg):
+        raise ValueError("a bug, not the user's input")
+
+    with pytest.raises(ValueError, match="a bug"):  # other errors keep their traceback
+        exit_on_user_error(bug, None)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(ConfigError):
+        exit_on_user_error(bad, None)
+    assert exit_on_user_error(lambda cfg: cfg + 1, 1) == 2

@@ -131,6 +131,16 @@ def _run_cli(args: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.
                           capture_output=True, text=True, timeout=timeout)
 
 
+def test_a_bad_config_value_stops_the_cli_with_one_line_naming_the_key(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "quantize.smooth_alpha=2",
+                          f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, env={**env, "WITHIN_ROOT": str(tmp_path)},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "error: quantize.smooth_alpha: must be in [0, 1]" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
 @pytest.mark.slow
 def test_ddp_cpu_two_processes(tmp_path):
     res = _run_cli(["trainer=ddp_cpu", "data.source.n=6000", "trainer.max_epochs=1", "extras.print_config=false"], tmp_path)

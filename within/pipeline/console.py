@@ -27,3 +27,25 @@ def print_config(cfg: DictConfig, resolve: bool = True) -> None:
         text = OmegaConf.to_yaml(node, resolve=resolve) if isinstance(node, DictConfig) else str(node)
         branch.add(rich.syntax.Syntax(text, "yaml"))
     rich.print(tree)
+
+
+def exit_on_user_error(job, cfg: DictConfig):
+    """Run `job(cfg)`; a bad config key or value, feature spec, privacy setting or bundle (errors whose
+    message already names the key and the fix) ends the process with that message and exit code 2,
+    not under a traceback. HYDRA_FULL_ERROR=1 keeps the traceback."""
+    import os
+    import sys
+
+    try:
+        return job(cfg)
+    except ValueError as err:
+        from within.features.spec import FeatureError
+        from within.models.base import BundleError
+        from within.pipeline.config import ConfigError
+        from within.privacy.engine import PrivacyConfigError
+
+        if not isinstance(err, (ConfigError, FeatureError, PrivacyConfigError, BundleError)) \
+                or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
