@@ -16,7 +16,6 @@ from within.models.predictor import AdScorePredictor
 from within.pipeline.evaluate import run_evaluate
 from within.pipeline.train import run_train
 
-
 TRAINED_ROWS = 20000  # enough clicks (~360 in train) for a stable AUC check
 
 

@@ -71,7 +71,7 @@ class FeatureProcessor:
         return self.spec.of_type("categorical", "group")
 
     # ---- fit ----------------------------------------------------------------------------
-    def fit(self, df: pd.DataFrame) -> "FeatureProcessor":
+    def fit(self, df: pd.DataFrame) -> FeatureProcessor:
         self.spec.validate_frame(df, require_label=False)
         for f in self.spec.numeric:
             x = _numeric_transform(df[f.name].to_numpy(dtype=np.float64), f.transform)
@@ -256,7 +256,7 @@ class FeatureProcessor:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FeatureProcessor":
+    def from_dict(cls, d: dict[str, Any]) -> FeatureProcessor:
         proc = cls(FeatureSpec.from_dict(d["spec"]), text_model=d.get("text_model"))
         proc.num_stats = {k: dict(v) for k, v in d["num_stats"].items()}
         proc.vocabs = {k: list(v) for k, v in d["vocabs"].items()}
@@ -267,7 +267,7 @@ class FeatureProcessor:
         Path(path).write_text(json.dumps(self.to_dict()))
 
     @classmethod
-    def load(cls, path: str | Path) -> "FeatureProcessor":
+    def load(cls, path: str | Path) -> FeatureProcessor:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 

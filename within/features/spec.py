@@ -80,7 +80,7 @@ class FeatureSpec:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "FeatureSpec":
+    def from_config(cls, cfg: Mapping[str, Any]) -> FeatureSpec:
         """Build from a Hydra/omegaconf node or a plain dict; unknown keys fail with a suggestion."""
         if hasattr(cfg, "_metadata"):  # an omegaconf node
             from omegaconf import OmegaConf
@@ -121,7 +121,7 @@ class FeatureSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "FeatureSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> FeatureSpec:
         return cls.from_config(d)
 
     # ---- views --------------------------------------------------------------------------

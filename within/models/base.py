@@ -17,14 +17,14 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "metadata.json"
 
-_REGISTRY: dict[str, type["BaseMLModel"]] = {}
+_REGISTRY: dict[str, type[BaseMLModel]] = {}
 
 
 class BundleError(ValueError):
     """A saved model folder is missing, tampered with, or was not written by `within`."""
 
 
-def register_model(cls: type["BaseMLModel"]) -> type["BaseMLModel"]:
+def register_model(cls: type[BaseMLModel]) -> type[BaseMLModel]:
     """Class decorator: make `cls` loadable by name from `metadata.json`."""
     _REGISTRY[cls.__name__] = cls
     return cls
@@ -91,7 +91,7 @@ class BaseMLModel(abc.ABC):
         self.metadata: dict[str, Any] = dict(metadata or {})
 
     @abc.abstractmethod
-    def fit(self, X: Any, y: Any) -> "BaseMLModel":
+    def fit(self, X: Any, y: Any) -> BaseMLModel:
         """Fit on features X and labels y; return self."""
 
     @abc.abstractmethod
@@ -104,7 +104,7 @@ class BaseMLModel(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def _from_state(cls, arrays: dict[str, np.ndarray], config: dict[str, Any]) -> "BaseMLModel":
+    def _from_state(cls, arrays: dict[str, np.ndarray], config: dict[str, Any]) -> BaseMLModel:
         """Inverse of `_get_state`."""
 
     def validate(self, X: Any, y: Any, weight: Any = None) -> dict[str, float]:
@@ -131,7 +131,7 @@ class BaseMLModel(abc.ABC):
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "BaseMLModel":
+    def load(cls, path: str | Path) -> BaseMLModel:
         meta = read_metadata(path)
         name = meta["class"]
         target = _REGISTRY.get(name)

@@ -153,7 +153,7 @@ class AdScorePredictor(BaseMLModel):
             return float(p[0]), float(lo[0]), float(hi[0])
         return p, lo, hi
 
-    def fit(self, X: Any, y: Any = None, label: str = "clicked", output_dir: str | Path | None = None) -> "AdScorePredictor":
+    def fit(self, X: Any, y: Any = None, label: str = "clicked", output_dir: str | Path | None = None) -> AdScorePredictor:
         """Train through the same pipeline as `train.py` on a DataFrame (features + label column, or y)."""
         from within.pipeline.api import fit_predictor  # the facade sits over the pipeline by design
 
@@ -185,7 +185,7 @@ class AdScorePredictor(BaseMLModel):
         return arrays, {"net_class": self.net_class, "net_kwargs": self.net_kwargs, "library_versions": library_versions()}
 
     @classmethod
-    def _from_state(cls, arrays: dict[str, np.ndarray], config: dict[str, Any]) -> "AdScorePredictor":
+    def _from_state(cls, arrays: dict[str, np.ndarray], config: dict[str, Any]) -> AdScorePredictor:
         net = build_net(config["net_class"], config["net_kwargs"])
         state = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
         # keep integer buffers (e.g. BatchNorm counters) in their own dtype
@@ -208,7 +208,7 @@ class AdScorePredictor(BaseMLModel):
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "AdScorePredictor":
+    def load(cls, path: str | Path) -> AdScorePredictor:
         path = Path(path)
         meta = read_metadata(path)
         sub = _subclass_for(meta["class"], cls)

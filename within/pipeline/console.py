@@ -9,8 +9,8 @@ ORDER = ("data", "features", "model", "calibrator", "privacy", "callbacks", "log
 def print_config(cfg: DictConfig, resolve: bool = True) -> None:
     """The composed config as a tree, main groups first; the feature list is summarised."""
     import rich
-    import rich.tree
     import rich.syntax
+    import rich.tree
 
     tree = rich.tree.Tree("config", guide_style="dim")
     keys = [k for k in ORDER if k in cfg] + [k for k in cfg if k not in ORDER and k != "hydra"]

@@ -51,7 +51,7 @@ def membership_auc(
     alpha = (1.0 - confidence) / 2.0
     low, high = (np.quantile(boots, [alpha, 1 - alpha]) if boots else (auc, auc))
     return {"auc": auc, "auc_low": float(low), "auc_high": float(high),
-            "n_members": int(len(mem)), "n_nonmembers": int(len(non))}
+            "n_members": len(mem), "n_nonmembers": len(non)}
 
 
 def draw_canaries(n_train: int, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from within.data.loaders._common import RemoteFile, locate_file, binary_label, str_column
+from within.data.loaders._common import RemoteFile, binary_label, locate_file, str_column
 
 RENAME = {
     "Daily Time Spent on Site": "daily_time_on_site",

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from within.data.loaders._common import RemoteFile, locate_file, binary_label, str_column
+from within.data.loaders._common import RemoteFile, binary_label, locate_file, str_column
 
 NUMERIC = [f"I{i}" for i in range(1, 14)]
 CATEGORICAL = [f"C{i}" for i in range(1, 27)]
