@@ -104,6 +104,15 @@ def test_a_user_error_ends_the_run_with_its_message_not_a_traceback(capsys, monk
     assert stop.value.code == 2
     assert capsys.readouterr().err == "error: quantize.smooth_alpha: must be in [0, 1], got 2\n"
 
+    def bad_bundle(_cfg):
+        from within.models.base import BundleError
+
+        raise BundleError("/nowhere/metadata.json: not found")
+
+    with pytest.raises(SystemExit):
+        exit_on_user_error(bad_bundle, None)
+    assert capsys.readouterr().err == "error: /nowhere/metadata.json: not found\n"
+
     def bug(_cfg):
         raise ValueError("a bug, not the user's input")
 
