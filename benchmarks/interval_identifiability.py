@@ -5,9 +5,9 @@ estimated from click-residual products of held-out row pairs that share a unit (
 fields). Two things decide whether its coverage of true_ctr lands near 1 - alpha:
 
 1. Seen share (no label noise): the same moment equations solved on the TRUE residual l - (a + b s)
-   give the part of its variance that is a sum of field and field-pair effects. The rest (effects
-   of three or more fields at once, e.g. the model's own errors in ad x age x placement cells) is
-   invisible to the pair moments, whatever the number of rows.
+   give the part of its variance that they attribute to field and field-pair effects. (The model's
+   own interactions of three or more fields are too small to explain the rest:
+   benchmarks/score_interactions.py.)
 2. Moment noise: labels redrawn from true_ctr on fit sets of several sizes; the spread of the
    estimates, the mean analytic `tau2_se`, and the coverage each estimate gives on held-out rows.
 

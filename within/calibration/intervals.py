@@ -54,8 +54,11 @@ Assumptions (say them when quoting coverage): the residual is (close to) a sum o
 keys and their pairs; a part unique to a single row, shared by no pair, is not seen, which
 narrows the interval. On the default simulator that assumption fails by a measured margin
 (benchmarks/interval_identifiability.py, seed-11 default model, 480k fresh rows): solving the same
-equations on the TRUE residual, with no label noise, sees 72% of its variance (0.136 of 0.189;
-the rest is the network's own error in cells of three or more fields, e.g. ad x age x placement).
+equations on the TRUE residual, with no label noise, sees 72% of its variance (0.136 of 0.189).
+The network's own interactions of three or more fields are too small to explain the rest (0.006
+of its score's variance, benchmarks/score_interactions.py), and the same equations overshoot the
+truth's own variance (a sum of field and pair effects by construction) by 6%: the gap is a bias of
+the pair moments on this unbalanced, nested design, whose cause is not found yet.
 With labels the estimate is also noisy, and NNLS clipping of the many near-zero components biases
 it upward: over label redraws, 0.165 +- 0.048 on 160k fit rows (coverage 0.86 +- 0.06) and
 0.131 +- 0.010 on 480k (coverage 0.84 +- 0.02). So more rows make the interval steadier but not

@@ -17,7 +17,7 @@ itself still fits on calib alone.
 The step also reports the spread's moment noise (`intervals/tau2`, `intervals/tau2_se`, and
 `intervals/coverage_band_low/high`: the coverage if the truth's spread were one standard error
 away) and warns when that noise is over 25% of the spread. What it cannot report is the share of
-the spread no pair of rows sees (see within/calibration/intervals.py and
+the spread the pair moments miss (on the simulator 19-28%; see within/calibration/intervals.py and
 benchmarks/interval_identifiability.py).
 """
 from __future__ import annotations
@@ -118,7 +118,7 @@ def warn_if_uncertain(intervals, alpha: float, rows: int, split: str, max_rel_se
         "intervals: the truth's spread around the score is %.3f +- %.3f (from %s, %d rows), so the %.0f%% "
         "intervals may cover anywhere from %.2f to %.2f of true CTRs. The noise falls like 1 / rows: fit on more "
         "held-out rows (data.split.calib_frac, intervals.splits), or set intervals.residual_var from a study "
-        "with known truth. (Neither shows the spread that no pair of rows shares; see "
+        "with known truth. (Neither shows the share of the spread the pair moments miss; see "
         "benchmarks/interval_identifiability.py.)", tau2, se, split, rows, 100 * (1 - alpha), low, high)
 
 
