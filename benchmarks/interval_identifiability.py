@@ -78,6 +78,16 @@ def sample_seed_of(metadata: dict) -> tuple[int, int]:
     return seed, seed if source.get("sample_seed") is None else int(source["sample_seed"])
 
 
+def load_run(run: str | Path, flag: str = "--run"):
+    """(predictor, metadata) of a run directory written by train.py."""
+    from within.models.predictor import AdScorePredictor
+
+    bundle = Path(run) / "bundle"
+    if not (bundle / "metadata.json").exists():
+        raise SystemExit(f"{flag}: {bundle} has no metadata.json; pass a run directory written by train.py")
+    return AdScorePredictor.load(bundle), json.loads((bundle / "metadata.json").read_text())["metadata"]
+
+
 def fresh_sample(metadata: dict, rows: int, sample_seed: int):
     from within.data.simulator import simulate
 
@@ -104,27 +114,18 @@ def main() -> None:
     from scipy.special import logit
 
     from within.calibration.intervals import ProbabilityIntervals, coverage, finest_fields
-    from within.models.predictor import AdScorePredictor
     from within.postfit.intervals import interval_keys
 
-    bundle = Path(args.run) / "bundle"
-    if not (bundle / "metadata.json").exists():
-        raise SystemExit(f"--run: {bundle} has no metadata.json; pass a run directory written by train.py")
-    predictor = AdScorePredictor.load(bundle)
-    metadata = json.loads((bundle / "metadata.json").read_text())["metadata"]
+    predictor, metadata = load_run(args.run)
     settings = metadata["config"].get("intervals", {})
     partner = None
     if args.partner:
-        partner_bundle = Path(args.partner) / "bundle"
-        if not (partner_bundle / "metadata.json").exists():
-            raise SystemExit(f"--partner: {partner_bundle} has no metadata.json; pass a run directory written by train.py")
-        partner_meta = json.loads((partner_bundle / "metadata.json").read_text())["metadata"]
+        partner, partner_meta = load_run(args.partner, "--partner")
         (world, rows_seed), (p_world, p_rows_seed) = sample_seed_of(metadata), sample_seed_of(partner_meta)
         if world != p_world or rows_seed == p_rows_seed:
             raise SystemExit(f"--partner: needs the same world (seed {world}) trained on other rows; it has seed {p_world} "
                              f"and sample seed {p_rows_seed} (run: {rows_seed}). Train it with "
                              f"seed={world} data.source.sample_seed=<another value>")
-        partner = AdScorePredictor.load(partner_bundle)
     weight_power = float(settings.get("weight_power", 0.5))
     sizes = sorted(int(x) for x in args.sizes.split(","))
     start = time.time()

@@ -90,15 +90,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "score_interactions"))
     args = ap.parse_args()
 
-    from interval_identifiability import fresh_sample
+    from interval_identifiability import fresh_sample, load_run
 
-    from within.models.predictor import AdScorePredictor
-
-    bundle = Path(args.run) / "bundle"
-    if not (bundle / "metadata.json").exists():
-        raise SystemExit(f"--run: {bundle} has no metadata.json; pass a run directory written by train.py")
-    predictor = AdScorePredictor.load(bundle)
-    metadata = json.loads((bundle / "metadata.json").read_text())["metadata"]
+    predictor, metadata = load_run(args.run)
     start = time.time()
     frame = fresh_sample(metadata, 2 * args.rows, args.sample_seed).reset_index(drop=True)
     base, pool = frame.iloc[: args.rows].reset_index(drop=True), frame.iloc[args.rows:].reset_index(drop=True)
@@ -107,7 +101,7 @@ def main() -> None:
                              for c in base["country"].to_numpy()])
     donors = {b: pool for b in SIMULATOR_BLOCKS}
     donors["city"] = pool.iloc[same_country].reset_index(drop=True)
-    f = lambda df: predictor.logits_with_members(df)[0]  # noqa: E731
+    f = lambda df: predictor.logits_with_members(df)[0]
     imp = superset_importance(f, base, donors, SIMULATOR_BLOCKS)
     result = {"run": str(args.run), "rows": args.rows, "var_score": float(np.var(f(base))),
               "totals": {k: v["total"] for k, v in imp.items()}, **high_order_variance(imp),

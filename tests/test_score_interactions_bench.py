@@ -21,7 +21,7 @@ def test_superset_importance_finds_a_three_way_component_and_nothing_above_it():
     n = 40_000
     cols = ["a", "b", "c", "d"]
     base, donor = (pd.DataFrame(rng.normal(size=(n, 4)), columns=cols) for _ in range(2))
-    f = lambda df: 2 * df.a + df.a * df.b + 0.5 * df.a * df.b * df.c + 0.3 * df.d  # noqa: E731
+    f = lambda df: 2 * df.a + df.a * df.b + 0.5 * df.a * df.b * df.c + 0.3 * df.d
     imp = si.superset_importance(f, base, {c: donor for c in cols}, {c: [c] for c in cols}, max_order=4)
     # a x b x c has variance 0.25; a x b carries its own 1.0 plus that
     assert imp[3]["by_set"]["a x b x c"] == pytest.approx(0.25, rel=0.1)
