@@ -5,9 +5,11 @@ estimated from click-residual products of held-out row pairs that share a unit (
 fields). Two things decide whether its coverage of true_ctr lands near 1 - alpha:
 
 1. Seen share (no label noise): the same moment equations solved on the TRUE residual l - (a + b s)
-   give the part of its variance that they attribute to field and field-pair effects. (The model's
-   own interactions of three or more fields are too small to explain the rest:
-   benchmarks/score_interactions.py.)
+   give the part of its variance that they attribute to field and field-pair effects. Closed
+   indices (`closed_index_variance`) on the same residual, with each cell weighted per pair (as the
+   moments are) or per row (as the population is), show where the rest goes: pair weighting counts
+   a cell with the square of its rows, and the model's error is smaller on busy ads. (The model's
+   own interactions of three or more fields are small: benchmarks/score_interactions.py.)
 2. Moment noise: labels redrawn from true_ctr on fit sets of several sizes; the spread of the
    estimates, the mean analytic `tau2_se`, and the coverage each estimate gives on held-out rows.
 
@@ -29,6 +31,7 @@ It needs a trained simulator run (its bundle) and draws fresh impressions of the
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -51,6 +54,39 @@ def seen_share(resid_true: np.ndarray, fields: dict[str, np.ndarray], pairs: boo
     top = dict(sorted(((k, v) for k, v in comps.items() if v > 0), key=lambda kv: -kv[1])[:8])
     return {"var_true_resid": total, "seen_by_keys": seen, "seen_share": seen / total if total > 0 else float("nan"),
             "top_components": top}
+
+
+def closed_index_variance(x: np.ndarray, fields: dict[str, np.ndarray], row_weighted: bool = True) -> float:
+    """The variance of x as a sum of field and field-pair effects, from closed indices.
+
+    C(K) is the mean of x_i x_j over row pairs that share the fields K: for independent fields this
+    is the variance of E[x | fields K] (pick-freeze), so for d fields and no effect of three or more
+    Var(x) = sum over pairs C(jk) - (d - 2) sum over fields C(j) (x centred). With `row_weighted`
+    each cell's pair mean counts with its rows, as the population does. Without it every pair counts
+    once, so a cell counts with n_c^2 (as in the pair moments of ProbabilityIntervals): where busy
+    cells have larger effects (a high bid buys traffic AND clicks) that over-weights them."""
+    from within.calibration.intervals import _combine
+
+    x = np.asarray(x, dtype=np.float64) - np.mean(x)
+    names = list(fields)
+
+    def c(key: tuple[str, ...]) -> float:
+        code = fields[key[0]]
+        for f in key[1:]:
+            code = _combine(code, fields[f])
+        k = int(code.max()) + 1
+        n = np.bincount(code, minlength=k).astype(np.float64)
+        pair_sum = np.bincount(code, x, k) ** 2 - np.bincount(code, x * x, k)
+        ok = n >= 2
+        if not ok.any():
+            return 0.0
+        if row_weighted:
+            return float((pair_sum[ok] / (n[ok] - 1)).sum() / n[ok].sum())
+        return float(pair_sum[ok].sum() / (n[ok] * (n[ok] - 1)).sum())
+
+    d = len(names)
+    return (sum(c(key) for key in itertools.combinations(names, 2))
+            - (d - 2) * sum(c((f,)) for f in names))
 
 
 def partner_comparison(s_main: np.ndarray, s_partner: np.ndarray, true_logit: np.ndarray, y: np.ndarray,
@@ -148,6 +184,22 @@ def main() -> None:
                "weight_power": weight_power, "alpha": args.alpha,
                "oracle": seen_share(resid[fit_rows], fields),
                "oracle_fields_only": seen_share(resid[fit_rows], fields, pairs=False)["seen_share"]}
+    # the same question with closed indices, pairs counted once (n_c^2 per cell) or per row
+    total = results["oracle"]["var_true_resid"]
+    results["oracle"]["closed_index_share_pair_weighted"] = closed_index_variance(resid[fit_rows], fields, False) / total
+    results["oracle"]["closed_index_share_row_weighted"] = closed_index_variance(resid[fit_rows], fields, True) / total
+    # why pair weighting misses part of it: the model's error by its ad's traffic (rows per content)
+    content = fields.get("content")
+    if content is not None:
+        traffic = np.bincount(content)[content]
+        quartile = np.searchsorted(np.quantile(traffic, [0.25, 0.5, 0.75]), traffic, side="right")
+        results["oracle"]["resid_var_by_ad_traffic_quartile"] = [
+            float(resid[fit_rows][quartile == q].var()) for q in range(4)]
+    true_logit = logit(np.clip(truth[fit_rows], 1e-9, 1 - 1e-9))
+    results["oracle"]["truth_itself"] = {  # a sum of field and pair effects by construction
+        "var": float(true_logit.var()), "seen_by_keys": seen_share(true_logit, fields)["seen_by_keys"],
+        "closed_index_pair_weighted": closed_index_variance(true_logit, fields, False),
+        "closed_index_row_weighted": closed_index_variance(true_logit, fields, True)}
     # the coverage a perfectly known, constant spread would give (the Gaussian-logit shape alone)
     if partner is not None:
         s_partner = np.asarray(partner.logits_with_members(frame)[0], dtype=np.float64)
@@ -194,6 +246,19 @@ def markdown(r: dict) -> str:
         (f"- seen by field and field-pair effects (true residuals, no label noise): {o['seen_by_keys']:.4f} = "
         f"**{o['seen_share']:.0%}** (fields alone: {r['oracle_fields_only']:.0%})"),
     ]
+    if "closed_index_share_row_weighted" in o:
+        t = o["truth_itself"]
+        if "resid_var_by_ad_traffic_quartile" in o:
+            lines.append("- variance of the true residual by the ad's traffic quartile (quietest first): "
+                         + ", ".join(f"{v:.3f}" for v in o["resid_var_by_ad_traffic_quartile"]))
+        lines += [
+            (f"- closed indices on the same residual: {o['closed_index_share_pair_weighted']:.0%} with every pair "
+             f"counted once (busy cells weigh n_c^2), **{o['closed_index_share_row_weighted']:.0%}** with each cell "
+             f"weighted by its rows"),
+            (f"- the truth itself (a sum of field and pair effects by construction), variance {t['var']:.4f}: pair "
+             f"moments {t['seen_by_keys']:.4f}, closed indices {t['closed_index_pair_weighted']:.4f} (pairs) and "
+             f"**{t['closed_index_row_weighted']:.4f}** (rows)"),
+        ]
     if "partner" in r:
         p = r["partner"]
         lines += [

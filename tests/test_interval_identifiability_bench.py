@@ -60,3 +60,29 @@ def test_sample_seed_of_reads_the_rows_seed_or_falls_back_to_the_world_seed():
     assert ii.sample_seed_of(meta) == (7, 7)
     meta["config"]["data"]["source"]["sample_seed"] = 1007
     assert ii.sample_seed_of(meta) == (7, 1007)
+
+
+@pytest.mark.parametrize("busy_units_have", ["larger effects", "smaller errors"])
+def test_closed_indices_weighted_by_rows_are_unbiased_where_a_units_traffic_tracks_its_effect(busy_units_have):
+    # the truth: a high bid buys traffic AND clicks; a model's error: busy ads had more training rows
+    rng = np.random.default_rng(2)
+    n_units = 400
+    effect = rng.normal(0, 0.5, n_units)
+    sign = 1.0 if busy_units_have == "larger effects" else -1.0
+    traffic = np.exp(sign * 1.5 * np.abs(effect))
+    n = 120_000
+    a = rng.choice(n_units, n, p=traffic / traffic.sum())
+    b = rng.integers(0, 4, n)
+    x = effect[a] + np.array([0.0, 0.3, -0.2, 0.1])[b]
+    fields = {"a": a, "b": b}
+    var = x.var()
+    # per row, the population weighting: unbiased
+    assert ii.closed_index_variance(x, fields, row_weighted=True) == pytest.approx(var, rel=0.03)
+    # per pair, a unit counts with the square of its rows, and so do the pair moments that
+    # ProbabilityIntervals solves: the busy units' effects dominate, in either direction
+    by_pairs = ii.closed_index_variance(x, fields, row_weighted=False)
+    moments = ii.seen_share(x, fields)["seen_by_keys"]
+    if sign > 0:
+        assert by_pairs > 1.3 * var and moments > 1.3 * var
+    else:
+        assert by_pairs < 0.8 * var and moments < 0.8 * var

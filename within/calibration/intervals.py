@@ -55,10 +55,14 @@ keys and their pairs; a part unique to a single row, shared by no pair, is not s
 narrows the interval. On the default simulator that assumption fails by a measured margin
 (benchmarks/interval_identifiability.py, seed-11 default model, 480k fresh rows): solving the same
 equations on the TRUE residual, with no label noise, sees 72% of its variance (0.136 of 0.189).
-The network's own interactions of three or more fields are too small to explain the rest (0.006
-of its score's variance, benchmarks/score_interactions.py), and the same equations overshoot the
-truth's own variance (a sum of field and pair effects by construction) by 6%: the gap is a bias of
-the pair moments on this unbalanced, nested design, whose cause is not found yet.
+The cause is the weighting, not a part no pair can see: a pair-product sum counts each cell with
+the square of its rows, and the network's error is smaller on busy ads (more training rows), so
+busy cells pull tau^2 down. Closed indices that weight each cell by its rows see 96% of the same
+residual (and recover the truth's own variance, 1.332 of 1.338, where pair weighting gives 1.437),
+but with 0/1 labels they are useless: small cells count in full, and their click products are
+almost all noise (tau^2 from 0.0001 to 0.88 over 5 label redraws on 160k rows). The network's own
+interactions of three or more fields are small (0.006 of its score's variance,
+benchmarks/score_interactions.py).
 With labels the estimate is also noisy, and NNLS clipping of the many near-zero components biases
 it upward: over label redraws, 0.165 +- 0.048 on 160k fit rows (coverage 0.86 +- 0.06) and
 0.131 +- 0.010 on 480k (coverage 0.84 +- 0.02). So more rows make the interval steadier but not

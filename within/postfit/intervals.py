@@ -17,7 +17,8 @@ itself still fits on calib alone.
 The step also reports the spread's moment noise (`intervals/tau2`, `intervals/tau2_se`, and
 `intervals/coverage_band_low/high`: the coverage if the truth's spread were one standard error
 away) and warns when that noise is over 25% of the spread. What it cannot report is the share of
-the spread the pair moments miss (on the simulator 19-28%; see within/calibration/intervals.py and
+the spread the pair moments miss (19-28% on the simulator, where busy, well-learnt ads weigh too
+much; see within/calibration/intervals.py and
 benchmarks/interval_identifiability.py).
 """
 from __future__ import annotations
