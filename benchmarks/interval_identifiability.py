@@ -63,8 +63,9 @@ def closed_index_variance(x: np.ndarray, fields: dict[str, np.ndarray], row_weig
     is the variance of E[x | fields K] (pick-freeze), so for d fields and no effect of three or more
     Var(x) = sum over pairs C(jk) - (d - 2) sum over fields C(j) (x centred). With `row_weighted`
     each cell's pair mean counts with its rows, as the population does. Without it every pair counts
-    once, so a cell counts with n_c^2 (as in the pair moments of ProbabilityIntervals): where busy
-    cells have larger effects (a high bid buys traffic AND clicks) that over-weights them."""
+    once, so a cell counts with n_c^2 (as in the pair moments of ProbabilityIntervals): where a
+    cell's effect changes with its size (a high bid buys traffic AND clicks; a busy ad had more
+    training rows, so a smaller error) that biases the sum toward the busy cells."""
     from within.calibration.intervals import _combine
 
     x = np.asarray(x, dtype=np.float64) - np.mean(x)
@@ -150,7 +151,7 @@ def main() -> None:
     from scipy.special import logit
 
     from within.calibration.intervals import ProbabilityIntervals, coverage, finest_fields
-    from within.postfit.intervals import interval_keys
+    from within.postfit.intervals import CONTENT_KEY, interval_keys
 
     predictor, metadata = load_run(args.run)
     settings = metadata["config"].get("intervals", {})
@@ -189,7 +190,7 @@ def main() -> None:
     results["oracle"]["closed_index_share_pair_weighted"] = closed_index_variance(resid[fit_rows], fields, False) / total
     results["oracle"]["closed_index_share_row_weighted"] = closed_index_variance(resid[fit_rows], fields, True) / total
     # why pair weighting misses part of it: the model's error by its ad's traffic (rows per content)
-    content = fields.get("content")
+    content = fields.get(CONTENT_KEY)
     if content is not None:
         traffic = np.bincount(content)[content]
         quartile = np.searchsorted(np.quantile(traffic, [0.25, 0.5, 0.75]), traffic, side="right")
