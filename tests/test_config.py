@@ -113,6 +113,13 @@ def test_a_user_error_ends_the_run_with_its_message_not_a_traceback(capsys, monk
         exit_on_user_error(bad_bundle, None)
     assert capsys.readouterr().err == "error: /nowhere/metadata.json: not found\n"
 
+    def missing(_cfg):
+        raise FileNotFoundError("ckpt_path: /nowhere/last.ckpt does not exist")
+
+    with pytest.raises(SystemExit):
+        exit_on_user_error(missing, None)
+    assert capsys.readouterr().err == "error: ckpt_path: /nowhere/last.ckpt does not exist\n"
+
     def bug(_cfg):
         raise ValueError("a bug, not the user's input")
 
@@ -122,3 +129,4 @@ def test_a_user_error_ends_the_run_with_its_message_not_a_traceback(capsys, monk
     with pytest.raises(ConfigError):
         exit_on_user_error(bad, None)
     assert exit_on_user_error(lambda cfg: cfg + 1, 1) == 2
+

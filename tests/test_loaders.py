@@ -409,3 +409,11 @@ def test_registry_names_match_data_configs():
     for name, fn in LOADERS.items():
         text = (CONF / "data" / f"{name}.yaml").read_text()
         assert f"_target_: {fn.__module__}.load" in text
+
+
+def test_bad_input_is_a_feature_error_so_the_cli_prints_one_line(tmp_path):
+    from within.features.spec import FeatureError
+
+    write_example_csv(tmp_path / "ads.csv")
+    with pytest.raises(FeatureError):  # within.pipeline.console.exit_on_user_error catches this class
+        csv_file.load(tmp_path, file="ads.csv", spec=EXAMPLE_SPEC)

@@ -30,21 +30,21 @@ def print_config(cfg: DictConfig, resolve: bool = True) -> None:
 
 
 def exit_on_user_error(job, cfg: DictConfig):
-    """Run `job(cfg)`; a bad config key or value, feature spec, privacy setting or bundle (errors whose
-    message already names the key and the fix) ends the process with that message and exit code 2,
-    not under a traceback. HYDRA_FULL_ERROR=1 keeps the traceback."""
+    """Run `job(cfg)`; a bad config key or value, feature spec, input row, privacy setting or bundle,
+    or a missing file (errors whose message already names the key and the fix), ends the process with
+    that message and exit code 2, not under a traceback. HYDRA_FULL_ERROR=1 keeps the traceback."""
     import os
     import sys
 
     try:
         return job(cfg)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         from within.features.spec import FeatureError
         from within.models.base import BundleError
         from within.pipeline.config import ConfigError
         from within.privacy.engine import PrivacyConfigError
 
-        if not isinstance(err, (ConfigError, FeatureError, PrivacyConfigError, BundleError)) \
+        if not isinstance(err, (ConfigError, FeatureError, PrivacyConfigError, BundleError, FileNotFoundError)) \
                 or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {err}", file=sys.stderr)

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from within.features.spec import FeatureError
+
 log = logging.getLogger(__name__)
 
 
@@ -125,7 +127,7 @@ def binary_label(raw: pd.Series, dataset: str, path: Path, first_data_line: int)
     bad = ~text.isin(["0", "1"]).to_numpy()
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(
+        raise FeatureError(
             f"{dataset}: {path} line {i + first_data_line}: label must be 0 or 1, got {raw.iloc[i]!r}"
         )
     return (text == "1").astype(np.int64)

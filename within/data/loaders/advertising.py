@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from within.data.loaders._common import RemoteFile, binary_label, locate_file, str_column
+from within.features.spec import FeatureError
 
 RENAME = {
     "Daily Time Spent on Site": "daily_time_on_site",
@@ -53,7 +54,7 @@ def load(root: str | Path | None, download: bool = False, file: str = "advertisi
     raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])  # blank first lines are skipped
     missing = [c for c in RENAME if c not in raw.columns]
     if missing:
-        raise ValueError(f"advertising: {path}: header lacks columns {missing}; found {list(raw.columns)}")
+        raise FeatureError(f"advertising: {path}: header lacks columns {missing}; found {list(raw.columns)}")
     raw = raw.rename(columns=RENAME)[list(RENAME.values())]
     out = pd.DataFrame(index=raw.index)
     for col in NUMERIC:
@@ -61,7 +62,7 @@ def load(root: str | Path | None, download: bool = False, file: str = "advertisi
         bad = num.isna().to_numpy()
         if bad.any():
             i = int(np.argmax(bad))
-            raise ValueError(
+            raise FeatureError(
                 f"advertising: {path} line {i + 2}, column '{col}': "
                 f"expected a number, got {raw[col].iloc[i]!r}"
             )
@@ -71,14 +72,14 @@ def load(root: str | Path | None, download: bool = False, file: str = "advertisi
     male = raw["male"].str.strip()
     if not male.isin(["0", "1"]).all():
         i = int(np.argmax(~male.isin(["0", "1"]).to_numpy()))
-        raise ValueError(
+        raise FeatureError(
             f"advertising: {path} line {i + 2}, column 'Male': expected 0 or 1, got {raw['male'].iloc[i]!r}"
         )
     out["male"] = male
     ts = pd.to_datetime(raw["timestamp"], format="%Y-%m-%d %H:%M:%S", errors="coerce")
     if ts.isna().any():
         i = int(np.argmax(ts.isna().to_numpy()))
-        raise ValueError(
+        raise FeatureError(
             f"advertising: {path} line {i + 2}, column 'Timestamp': expected YYYY-MM-DD HH:MM:SS, "
             f"got {raw['timestamp'].iloc[i]!r}"
         )

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from within.data.loaders._common import RemoteFile, binary_label, locate_file, str_column
+from within.features.spec import FeatureError
 
 CATEGORICAL = [
     "C1",
@@ -70,14 +71,14 @@ def load(
     )
     missing = [c for c in ["click", "hour", *CATEGORICAL] if c not in raw.columns]
     if missing:
-        raise ValueError(f"avazu: {path}: header lacks columns {missing}; found {list(raw.columns)}")
+        raise FeatureError(f"avazu: {path}: header lacks columns {missing}; found {list(raw.columns)}")
     # line 1 is the header, so data row i sits on line i + 2
     out = pd.DataFrame({"clicked": binary_label(raw["click"], "avazu", path, first_data_line=2)})
     ts = pd.to_datetime(raw["hour"], format="%y%m%d%H", errors="coerce")
     bad = ts.isna().to_numpy()
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(
+        raise FeatureError(
             f"avazu: {path} line {i + 2}, column 'hour': expected YYMMDDHH, got {raw['hour'].iloc[i]!r}"
         )
     out["timestamp"] = ts

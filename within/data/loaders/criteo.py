@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from within.data.loaders._common import RemoteFile, binary_label, locate_file, str_column
+from within.features.spec import FeatureError
 
 NUMERIC = [f"I{i}" for i in range(1, 14)]
 CATEGORICAL = [f"C{i}" for i in range(1, 27)]
@@ -58,7 +59,7 @@ def load(
         bad = (num.isna() & raw[col].notna()).to_numpy()
         if bad.any():
             i = int(np.argmax(bad))
-            raise ValueError(
+            raise FeatureError(
                 f"criteo: {path} line {i + 1}, column '{col}': "
                 f"expected an integer or empty, got {raw[col].iloc[i]!r}"
             )

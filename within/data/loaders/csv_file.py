@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from within.data.loaders._common import not_found, str_column
-from within.features.spec import FeatureSpec
+from within.features.spec import FeatureError, FeatureSpec
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +62,17 @@ def _scan_records(path: Path, sep: str, encoding: str) -> tuple[list[str], np.nd
                 header = record
                 dup = sorted({c for c in header if header.count(c) > 1})
                 if dup:
-                    raise ValueError(f"csv: {path} header: column names repeat: {dup}; make them unique")
+                    raise FeatureError(f"csv: {path} header: column names repeat: {dup}; make them unique")
                 continue
             if len(record) != len(header):
                 row = len(lines) + 1
-                raise ValueError(
+                raise FeatureError(
                     f"csv: {path} row {row} (line {start}): expected {len(header)} fields like the header, "
                     f"got {len(record)}; check for an unquoted '{sep}' inside a value or a missing cell"
                 )
             lines.append(start)
     if header is None or not lines:
-        raise ValueError(f"csv: {path} has no data rows; expected a header line and at least one row")
+        raise FeatureError(f"csv: {path} has no data rows; expected a header line and at least one row")
     return header, np.asarray(lines)
 
 
@@ -94,17 +94,17 @@ def load(
     na_values: cell texts that mean "missing" (default: only the empty cell).
     """
     if download:
-        raise ValueError(
+        raise FeatureError(
             "csv: download=true is not available for your own CSV; set data.source.file to its path"
         )
     if file is None:  # Hydra leaves a `???` file out of the partial, so it arrives here as None
-        raise ValueError("csv: no CSV given; set data.source.file=/path/to/ads.csv")
+        raise FeatureError("csv: no CSV given; set data.source.file=/path/to/ads.csv")
     if spec is None:
-        raise ValueError("csv: no features spec given; pass spec=<YAML path or dict> (data.source.spec)")
+        raise FeatureError("csv: no features spec given; pass spec=<YAML path or dict> (data.source.spec)")
     fs = read_spec(spec)
     images = [f.name for f in fs.image]
     if images:
-        raise ValueError(f"csv: image fields {images} cannot be read from a CSV; remove them from the spec")
+        raise FeatureError(f"csv: image fields {images} cannot be read from a CSV; remove them from the spec")
     path = Path(root).expanduser() / file if root is not None else Path(file).expanduser()
     if not path.is_file():
         raise not_found("csv", path, can_download=False)
@@ -120,7 +120,7 @@ def load(
     needed += [fs.time] if fs.time else []
     absent = [c for c in needed if c not in present]
     if absent:
-        raise ValueError(
+        raise FeatureError(
             f"csv: {path}: column '{absent[0]}' is in the spec but not in the header (missing: {absent}; "
             f"header: {header}); rename the CSV column, pass rename={{csv_name: spec_name}} or label=..., "
             f"or fix the spec"

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from within.data.loaders._common import RemoteFile, binary_label, locate, str_column
+from within.features.spec import FeatureError
 
 _BASE = "https://raw.githubusercontent.com/wnzhang/deep-ctr/229ad52cb97bc213012ba596b451990dcca6b897/data/"
 # SHA-256 of the shared byte-exact copies of these two files at that commit.
@@ -51,7 +52,7 @@ def read_featindex(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     parts = fi["key"].str.partition(":")
     if (parts[1] != ":").any():
         i = int(np.argmax((parts[1] != ":").to_numpy()))
-        raise ValueError(
+        raise FeatureError(
             f"ipinyou: {path} line {i + 1}: expected 'field:value<TAB>index', got {fi['key'].iloc[i]!r}"
         )
     idx = fi["index"].to_numpy(dtype=np.int64)
@@ -96,7 +97,7 @@ def load(
     if short.any():
         i = int(np.argmax(short))
         got = int(raw.iloc[i].notna().sum()) - 1
-        raise ValueError(
+        raise FeatureError(
             f"ipinyou: {path} line {i + 1}: expected {n_fields} features after the label, got {got}"
         )
     label = binary_label(raw[0], "ipinyou", path, first_data_line=1)
@@ -106,7 +107,7 @@ def load(
     bad = (colon != ":") | (one != "1") | ~np.char.isdigit(idx_str)
     if bad.any():
         k = int(np.argmax(bad))
-        raise ValueError(
+        raise FeatureError(
             f"ipinyou: {path} line {k // n_fields + 1}, token {k % n_fields + 1}: "
             f"expected 'index:1', got {tokens[k]!r}"
         )
@@ -114,7 +115,7 @@ def load(
     unknown = (idx >= len(fid)) | (fid[np.minimum(idx, len(fid) - 1)] < 0)
     if unknown.any():
         r, c = np.argwhere(unknown)[0]
-        raise ValueError(
+        raise FeatureError(
             f"ipinyou: {path} line {r + 1}: feature index {idx[r, c]} is not in {folder / featindex}"
         )
 
@@ -125,7 +126,7 @@ def load(
     if not ok.all():
         r = int(np.argmax(~ok))
         seen = [fields[f] for f in row_fid[r]]
-        raise ValueError(
+        raise FeatureError(
             f"ipinyou: {path} line {r + 1}: expected one feature per field {fields}, got fields {seen}"
         )
     values = val[np.take_along_axis(idx, order, axis=1)]

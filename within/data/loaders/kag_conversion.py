@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from within.data.loaders._common import RemoteFile, locate_file, str_column
+from within.features.spec import FeatureError
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def load(
     raw = pd.read_csv(path, dtype=str, encoding="utf-8-sig", keep_default_na=False, na_values=[""])
     missing = [c for c in RENAME if c not in raw.columns]
     if missing:
-        raise ValueError(f"kag_conversion: {path}: header lacks columns {missing}; found {list(raw.columns)}")
+        raise FeatureError(f"kag_conversion: {path}: header lacks columns {missing}; found {list(raw.columns)}")
     raw = raw.rename(columns=RENAME)[list(RENAME.values())]
 
     out = pd.DataFrame({col: str_column(raw[col]) for col in CATEGORICAL})
@@ -68,7 +69,7 @@ def load(
             i = int(np.argmax(bad))
             src = next(k for k, v in RENAME.items() if v == col)
             kind = "a whole number" if col in COUNTS else "a number"
-            raise ValueError(
+            raise FeatureError(
                 f"kag_conversion: {path} line {i + 2}, column '{src}': "
                 f"expected {kind}, got {raw[col].iloc[i]!r}"
             )
@@ -76,7 +77,7 @@ def load(
     for col in CATEGORICAL:
         if out[col].isna().any():
             i = int(np.argmax(out[col].isna().to_numpy()))
-            raise ValueError(f"kag_conversion: {path} line {i + 2}, column '{col}': empty value")
+            raise FeatureError(f"kag_conversion: {path} line {i + 2}, column '{col}': empty value")
 
     impossible = (out["impressions"] <= 0) | (out["clicked"] < 0) | (out["clicked"] > out["impressions"])
     if impossible.any():
