@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from within.features.extractor import MultiModalFeatureExtractor
+from within.nn.extractor import MultiModalFeatureExtractor
 from within.features.processor import FeatureProcessor
 from within.features.spec import FeatureSpec
 

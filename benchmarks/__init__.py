@@ -1,0 +1,1 @@
+"""Benchmarks: each module is an entry point, `python -m benchmarks.<name>`, writing benchmarks/results/<name>.json."""
