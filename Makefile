@@ -6,7 +6,7 @@ STAMP := $(VENV)/.within-installed
 # torch first, as the pinned pair this machine has on disk; the rest from pyproject.toml
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv train test test-all bench format clean
+.PHONY: venv train serve test test-all bench format clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ venv: $(STAMP)
 train: venv
 	$(PY) train.py $(ARGS)
 
+## serve a bundle over HTTP on 127.0.0.1: make serve ARGS="bundle=outputs/train/runs/<ts>/bundle [port=8000]"
+serve: venv
+	$(PY) serve.py $(ARGS)
+
 ## the default test suite (slow tests excluded)
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -29,9 +33,10 @@ test: venv
 test-all: venv
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
-## run every benchmark; each writes benchmarks/results/<name>.json
+## run every benchmark module (python -m benchmarks.<name>, not common); each rewrites benchmarks/results/<name>.*
 bench: venv
-	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b; done
+	@set -e; for b in $(filter-out __init__ common,$(basename $(notdir $(wildcard benchmarks/*.py)))); do \
+		echo "== python -m benchmarks.$$b"; $(PY) -m benchmarks.$$b; done
 
 format: venv
 	$(PY) -m ruff format within tests benchmarks train.py evaluate.py

@@ -17,13 +17,14 @@ CONF = ROOT / "conf"
 DATA_DIR = Path(os.environ.get("WITHIN_DATA_DIR", ROOT.parent / "shared" / "data"))
 
 # Small, fast settings for pipeline tests: a 6k-row simulator world, one short epoch.
-FAST = [
+FAST_DATA = [
     "data.source.n=6000",
     "data.batch_size=512",
     "trainer.max_epochs=1",
     "extras.print_config=false",
-    "model.net.hidden_dims=[32]",
 ]
+FAST = [*FAST_DATA, "model.net.hidden_dims=[32]"]
+FAST_ENSEMBLE = [*FAST_DATA, "model=ensemble", "model.member.net.hidden_dims=[32]"]
 
 
 def compose_cfg(config_name: str = "train", overrides: list[str] | tuple = (), out_dir: Path | None = None) -> DictConfig:

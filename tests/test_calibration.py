@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from matplotlib.figure import Figure
 
 from within.calibration import (
     GeospatialCalibrator,
@@ -267,6 +268,8 @@ def test_spline_plot_and_parameters(tmp_path, calibrated):
     cal = SplineCalibrator(n_knots=6, knot_spacing="uniform").fit(s[:20_000], y[:20_000])
     out = cal.plot_calibration_curve(tmp_path / "rel.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = cal.plot_calibration_curve()  # no path: the figure itself
+    assert isinstance(fig, Figure) and len(fig.axes[0].lines) == 3  # perfect, before, after
     par = cal.get_spline_parameters()
     assert len(par["splines"][0]["knots"]) == 6 and all(c >= 0 for c in par["splines"][0]["ispline_coef"])
     assert cal.ks_error_ == par["ks_error"] < 0.01
@@ -354,6 +357,22 @@ def test_geospatial_sparse_regions_are_smoothed_and_map_plots(tmp_path, geodata)
     assert all(v["factor"] == pytest.approx(np.exp(v["offset"])) for v in f.values())
     out = geo.plot_region_map(tmp_path / "map.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
+    fig = geo.plot_region_map()  # no path: the figure itself
+    assert isinstance(fig, Figure) and len(fig.axes[0].collections[0].get_offsets()) == len(f)
+
+
+def test_geospatial_and_hierarchical_take_the_spec_keywords(geodata, gdata):
+    s, y, reg, _ = geodata
+    s, y, reg = s[:20_000], y[:20_000], _head(reg, 20_000)
+    by_position = GeospatialCalibrator().fit(s, y, reg)
+    by_keyword = GeospatialCalibrator().fit(X=s, y=y, regions=reg)
+    np.testing.assert_array_equal(by_keyword.transform(X=s, regions=reg), by_position.transform(s, reg))
+    np.testing.assert_array_equal(by_position.transform(s, groups=reg), by_position.transform(s, reg))
+    np.testing.assert_array_equal(GeospatialCalibrator().fit_transform(s, y, regions=reg), by_position.transform(s, reg))
+    gs, gy, g = gdata
+    h = HierarchicalCalibrator(hierarchy_levels=LEVELS)
+    p = h.fit_transform(X=gs[:5000], y=gy[:5000], groups=_head(g, 5000))
+    np.testing.assert_array_equal(h.transform(X=gs[:5000], groups=_head(g, 5000)), p)
 
 
 def test_geospatial_missing_geo_column_is_named():
@@ -399,7 +418,7 @@ def test_spline_cross_validated_regularization_is_chosen_and_kept():
 
 
 def test_geospatial_asks_the_predictor_for_coordinates_density_and_hour():
-    # AdScorePredictor.group_columns adds required_columns to the group fields: without them the
+    # CalibratedScoring.group_columns adds required_columns to the group fields: without them the
     # spatial smoothing and the seasonal term were silently skipped
     need = set(GeospatialCalibrator.required_columns)
     assert {"latitude", "longitude", "population_density", "hour"} <= need

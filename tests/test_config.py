@@ -11,10 +11,10 @@ from omegaconf import OmegaConf, open_dict
 from tests.conftest import CONF, DATA_DIR, compose_cfg
 from within.features.spec import FeatureSpec
 from within.pipeline.config import ConfigError, validate_config
-from within.pipeline.train import instantiate_group
+from within.pipeline.loggers import instantiate_group
 
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("local", "hydra"))
-REAL_DATA = {"ipinyou", "criteo", "avazu", "advertising", "kag_conversion", "csv"}
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("local", "hydra", "detect"))
+REAL_DATA = {"ipinyou", "criteo", "avazu", "advertising", "kag_conversion", "csv", "telco"}
 
 
 def options(group: str) -> list[str]:

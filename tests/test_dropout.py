@@ -24,6 +24,20 @@ def test_eval_identity_and_train_drops_with_group_rate():
     assert torch.equal(drop(x, "image"), x)
 
 
+def test_forward_without_group_drops_with_the_layer_rate():
+    drop = AdaptiveDropout(p=0.2)
+    x = torch.ones(50_000)
+    drop.eval()
+    assert torch.equal(drop(x), x)
+    drop.train()
+    assert (drop(x) == 0).float().mean().item() == pytest.approx(0.2, abs=0.01)
+    drop.rates.copy_(torch.tensor([0.1, 0.2, 0.45], dtype=torch.float64))
+    assert (drop(x) == 0).float().mean().item() == pytest.approx(0.25, abs=0.01)  # the mean group rate
+    # layer-wide gradient norms (not per group) steer every group alike
+    rates = AdaptiveDropout(p=0.2, step_size=0.05).update_rate([0.01, 10.0, 0.01, 0.01])
+    assert rates == pytest.approx({"text": 0.25, "image": 0.25, "tabular": 0.25})
+
+
 def test_widening_gap_raises_rates_and_stays_in_range():
     drop = AdaptiveDropout(p=0.1, adaptive_range=(0.0, 0.3), step_size=0.05, window_size=3)
     rates = []
@@ -57,6 +71,29 @@ def test_gradient_noise_is_per_group():
     assert rates["image"] == pytest.approx(0.25)
     assert rates["text"] == pytest.approx(0.15)
     assert rates["tabular"] == pytest.approx(0.2)  # no signal for this group
+
+
+def test_gradient_history_spans_the_last_window_size_calls():
+    drop = AdaptiveDropout(p=0.2, step_size=0.05, window_size=2)
+    assert drop.update_rate({"image": [1.0, 1.0]})["image"] == pytest.approx(0.15)  # calm
+    assert drop.update_rate({"image": [0.01, 10.0]})["image"] == pytest.approx(0.2)  # noisy over both calls
+    # the noisy call is still in the two-call window: std/mean of [1, 1, 0.01, 10] = 1.35 > 1
+    assert drop.update_rate({"image": [1.0, 1.0]})["image"] == pytest.approx(0.25)
+    assert drop.update_rate({"image": [1.0, 1.0]})["image"] == pytest.approx(0.2)  # it left the window
+    assert drop.get_current_rate("text") == pytest.approx(0.2)  # no norms for text: no signal, no change
+    # one norm per call still counts once the history holds two
+    one = AdaptiveDropout(p=0.2, step_size=0.05, window_size=3)
+    assert one.update_rate({"text": [1.0]})["text"] == pytest.approx(0.2)
+    assert one.update_rate({"text": [9.0]})["text"] == pytest.approx(0.15)  # std/mean of [1, 9] = 0.8
+
+
+def test_checkpoint_without_gradient_history_loads():
+    drop = AdaptiveDropout(p=0.1)
+    drop.update_rate({"text": [1.0, 9.0]})
+    old = {k: v for k, v in drop.state_dict().items() if k != "grad_window"}
+    fresh = AdaptiveDropout(p=0.1)
+    fresh.load_state_dict(old)  # strict: the missing history is started empty
+    assert fresh.get_current_rate() == drop.get_current_rate() and not fresh.grad_window.any()
 
 
 @settings(max_examples=40, deadline=None)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import FAST, compose_cfg
+from tests.conftest import FAST_ENSEMBLE, compose_cfg
 from within.calibration.metrics import auc, logloss
 from within.features.processor import FeatureProcessor
 from within.features.spec import FeatureSpec
@@ -20,6 +20,10 @@ class LogitMember:
 
     def __init__(self, column: str, processor: FeatureProcessor) -> None:
         self.column, self.processor = column, processor
+
+    @property
+    def spec(self):
+        return self.processor.spec
 
     def predict_logits(self, X):
         return self.processor.spec.records_to_frame(X)[self.column].to_numpy(dtype=np.float64)
@@ -111,7 +115,7 @@ def test_ensemble_of_three_beats_its_best_member_fast(method):
 def test_trained_ensemble_of_three_beats_its_best_member(tmp_path):
     from within.pipeline.train import run_train
 
-    overrides = [*FAST, "model=ensemble", "ensemble.size=3", "data.source.n=20000", "trainer.max_epochs=3",
+    overrides = [*FAST_ENSEMBLE, "model.size=3", "data.source.n=20000", "trainer.max_epochs=3",
                  "postfit=[calibrate,ensemble,export]", "export.onnx=false"]
     run_train(compose_cfg("train", overrides, out_dir=tmp_path))
     m = json.loads((tmp_path / "report" / "metrics.json").read_text())
@@ -122,49 +126,90 @@ def test_trained_ensemble_of_three_beats_its_best_member(tmp_path):
 @pytest.mark.slow
 def test_seed_facade_fits_an_ensemble(tmp_path):
     """The seed's usage: AdScorePredictor(model_type="ensemble", ...).fit(df), then intervals."""
+    from within import AdScorePredictor
     from within.data.simulator import simulate
-    from within.models.predictor import AdScorePredictor
 
     df = simulate(n=4000, seed=5)
     predictor = AdScorePredictor(
         feature_config={"text_features": ["headline"], "numerical_features": ["budget", "bid"],
                         "categorical_features": ["placement"]},
         model_type="ensemble", calibration=True,
-        train_overrides=["trainer.max_epochs=1", "ensemble.size=2", "model.net.hidden_dims=[16]",
+        train_overrides=["trainer.max_epochs=1", "model.size=2", "model.member.net.hidden_dims=[16]",
                          "postfit=[calibrate,intervals,export]", "export.onnx=false", "extras.print_config=false"],
     )
     predictor.fit(df, output_dir=tmp_path)
-    assert isinstance(predictor, CalibratedEnsemble) and len(predictor.base_models) == 2
+    assert isinstance(predictor.model, CalibratedEnsemble) and len(predictor.model.base_models) == 2
     assert predictor.model_type == "ensemble"
     score, lower, upper = predictor.predict_with_intervals(df.iloc[:20])
     assert np.all((lower <= score) & (score <= upper))
 
 
 def test_member_overrides_train_members_of_another_type(tmp_path):
-    """ensemble.member_overrides[k - 1] applies to member k only: here member 1 gets a cross layer."""
-    from within.models.predictor import AdScorePredictor
+    """model.member_overrides[k - 1] applies to member k only: here member 1 gets a cross layer."""
+    from within.models.base import BaseMLModel
     from within.pipeline.train import run_train
 
-    overrides = [*FAST, "model=ensemble", "ensemble.size=2", "data.source.n=3000", "trainer.max_epochs=1",
-                 "model.net.hidden_dims=[16]", "postfit=[export]", "export.onnx=false",
-                 "ensemble.member_overrides=[{model.net.cross_layers: 1}]"]
+    overrides = [*FAST_ENSEMBLE, "model.size=2", "data.source.n=3000", "trainer.max_epochs=1",
+                 "model.member.net.hidden_dims=[16]", "postfit=[export]", "export.onnx=false",
+                 "model.member_overrides=[{model.net.cross_layers: 1}]"]
     run_train(compose_cfg("train", overrides, out_dir=tmp_path))
-    member1 = AdScorePredictor.load(tmp_path / "members" / "1" / "bundle")
-    assert len(member1.net.cross) == 1
-    ens = AdScorePredictor.load(tmp_path / "bundle")
+    assert (tmp_path / "members" / "1" / "checkpoints" / "last.ckpt").is_file()
+    ens = BaseMLModel.load(tmp_path / "bundle")
     assert [len(m.net.cross) for m in ens.base_models] == [0, 1]  # member 0 keeps this run's config
+    assert [m.net.tower[0].out_features for m in ens.base_models] == [16, 16]
 
 
 @pytest.mark.parametrize("entry,match", [
-    ("[{model.net.no_such_key: 1}]", "not a key of this run's config"),
+    ("[{model.net.no_such_key: 1}]", "not a key of a member's config"),
     ("[{model.net.cross_layers: 1}, {model.net.cross_layers: 2}]", "at most size - 1 = 1"),
     ("[{trainer.max_epoch: 2}]", "not a key"),
 ])
 def test_member_overrides_are_checked_before_training(tmp_path, entry, match):
     from within.pipeline.config import ConfigError
-    from within.pipeline.train import ensemble_settings
+    from within.pipeline.train import build_recipe
 
-    cfg = compose_cfg("train", [*FAST, "model=ensemble", "ensemble.size=2", f"ensemble.member_overrides={entry}"],
+    cfg = compose_cfg("train", [*FAST_ENSEMBLE, "model.size=2", f"model.member_overrides={entry}"],
                       out_dir=tmp_path)
     with pytest.raises(ConfigError, match=match):
-        ensemble_settings(cfg)
+        build_recipe(cfg).check(cfg)
+
+
+def test_an_ensemble_of_a_network_and_a_dynamic_linear_trains_and_predicts(tmp_path):
+    """The spec's "diverse base models": any fitted BaseMLModel with logits can be a member."""
+    import torch
+
+    from within.data.simulator import simulate
+    from within.models.base import BaseMLModel
+    from within.models.linear import DynamicLinear
+    from within.models.network import NetworkModel
+    from within.nn.predictor import AdPredictorNN
+    from within.pipeline.recipes.linear import featurizer_for
+
+    df = simulate(n=3000, seed=4)
+    train, val, test = df.iloc[:2000], df.iloc[2000:2500], df.iloc[2500:]
+    fields = [{"name": "placement", "type": "categorical"}, {"name": "device", "type": "categorical"},
+              {"name": "bid", "type": "numeric"}, {"name": "headline", "type": "text"}]
+    spec = FeatureSpec.from_config({"label": "clicked", "fields": fields})
+    proc = FeatureProcessor(spec).fit(train)
+    torch.manual_seed(0)
+    net = AdPredictorNN(input_dim=proc.input_dim, hidden_dims=[8])
+    batch = {k: torch.as_tensor(v) for k, v in proc.transform(train, with_label=True).items()}
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    for _ in range(30):
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(batch), batch["label"])
+        loss.backward()
+        opt.step()
+    network = NetworkModel(processor=proc, net=net.eval())
+    linear = DynamicLinear(n_features=2**12, alpha=1e-5, spec=spec)
+    linear.attach_featurizer(featurizer_for(spec, 2**12))
+    linear.fit(train, train["clicked"].to_numpy())
+    ensemble = CalibratedEnsemble([network, linear], calibration_method="temperature").calibrate(val)
+    p = ensemble.predict(test)
+    assert p.shape == (len(test),) and np.all((p > 0) & (p < 1))
+    both = (network.predict_logits(test) + linear.predict_logits(test)) / 2
+    np.testing.assert_allclose(ensemble.predict_logits(test), both, atol=1e-12)  # the members' mean logit
+    assert ensemble.calibrator is not None and not np.allclose(p, 1 / (1 + np.exp(-both)))  # then calibrated
+    loaded = BaseMLModel.load(ensemble.save(tmp_path / "bundle"))
+    assert [type(m).__name__ for m in loaded.base_models] == ["NetworkModel", "DynamicLinear"]
+    np.testing.assert_allclose(loaded.predict(test), p, atol=1e-9)

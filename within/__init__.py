@@ -8,7 +8,13 @@ __version__ = "0.1.0"
 
 # Public names, imported on first use so `import within` stays light (no torch until needed).
 _LAZY = {
-    "AdScorePredictor": "within.models.predictor",
+    "AdScorePredictor": "within.predictor",
+    "AnomalyDetector": "within.models.anomaly",
+    "AccountHealthPredictor": "within.models.account_health",
+    "PerformanceMonitor": "within.monitoring.monitor",
+    "CalibratedEnsemble": "within.models.ensemble",
+    "DynamicLinear": "within.models.linear",
+    "NetworkModel": "within.models.network",
     "BaseMLModel": "within.models.base",
     "FeatureSpec": "within.features.spec",
     "FeatureProcessor": "within.features.processor",

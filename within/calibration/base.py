@@ -118,6 +118,19 @@ def as_keys(arr: np.ndarray) -> np.ndarray:
     return a.astype(str)
 
 
+def figure_or_file(fig: Any, path: Any) -> Any:
+    """A plot method's return: the matplotlib Figure when `path` is None, else the PNG written there (a Path).
+    Figures are built without pyplot, so no global backend or figure list is touched."""
+    if path is None:
+        return fig
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
 def binomial_nll(eta: np.ndarray, clicks: np.ndarray, imps: np.ndarray) -> float:
     """Mean binomial negative log-likelihood of logits eta (per impression)."""
     return float(-(clicks * log_expit(eta) + (imps - clicks) * log_expit(-eta)).sum() / max(imps.sum(), 1e-12))

@@ -43,7 +43,9 @@ from within.calibration.base import (
     calibrator_from_dict,
     check_labels,
     check_scores,
+    figure_or_file,
     register,
+    sigmoid,
 )
 
 GEO_CHAIN = ("country", "state", "city")
@@ -320,6 +322,15 @@ class GeospatialCalibrator(Calibrator):
             eta[both] += self.season_region_[ridx[both], tidx[both]]
         return eta
 
+    def transform(self, X: Any, regions: dict | None = None, groups: dict | None = None) -> np.ndarray:
+        """Calibrated probabilities for logits X in `regions` ({column: array[N]}; `groups=` is the
+        shared calibrator keyword for the same dict)."""
+        return sigmoid(self.transform_logit(X, regions, groups))
+
+    def fit_transform(self, X: Any, y: Any, regions: dict | None = None, weight: Any = None,
+                      groups: dict | None = None) -> np.ndarray:
+        return self.fit(X, y, regions, weight=weight, groups=groups).transform(X, regions, groups)
+
     # --- reporting ----------------------------------------------------------------------------
     def get_region_factors(self) -> dict[str, dict[str, Any]]:
         """Per region ("country/state/city"): logit offset, odds factor exp(offset), impressions,
@@ -336,29 +347,24 @@ class GeospatialCalibrator(Calibrator):
             }
         return out
 
-    def plot_region_map(self, path: str | Path) -> Path:
-        """Write a PNG scatter of odds factors at region centroids (size ~ impressions)."""
+    def plot_region_map(self, path: str | Path | None = None) -> Any:
+        """Scatter of odds factors at region centroids (size ~ impressions, black edge: smoothed).
+        Returns the matplotlib Figure, or writes a PNG to `path` and returns the path."""
         self._require_fitted()
         if self.region_lat_ is None:
             raise ValueError("plot_region_map: fitted without latitude/longitude; pass them in regions to map")
-        import matplotlib
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fac = np.exp(self.totals_[-1])
+        log_fac = self.totals_[-1]
         size = 10 + 90 * np.sqrt(self.region_n_ / max(self.region_n_.max(), 1.0))
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        lim = max(float(np.max(np.abs(np.log(fac)))), 1e-3)
-        sc = ax.scatter(self.region_lon_, self.region_lat_, c=np.log(fac), s=size, cmap="RdBu_r",
+        fig = Figure(figsize=(7, 4.5))
+        ax = fig.add_subplot()
+        lim = max(float(np.max(np.abs(log_fac))), 1e-3)
+        sc = ax.scatter(self.region_lon_, self.region_lat_, c=log_fac, s=size, cmap="RdBu_r",
                         vmin=-lim, vmax=lim, edgecolors=np.where(self.region_smoothed_, "k", "none"))
         fig.colorbar(sc, ax=ax, label="log odds factor (edge: smoothed)")
         ax.set(xlabel="longitude", ylabel="latitude", title=f"Calibration factor by {self.geo_level}")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        return figure_or_file(fig, path)
 
     # --- serialisation ------------------------------------------------------------------------
     def _params(self) -> dict[str, Any]:

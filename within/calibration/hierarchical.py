@@ -33,6 +33,7 @@ from within.calibration.base import (
     check_labels,
     check_scores,
     register,
+    sigmoid,
 )
 
 
@@ -122,6 +123,13 @@ class HierarchicalCalibrator(Calibrator):
         self._require_fitted()
         s = check_scores(X, "X")
         return self.base_.transform_logit(s) + self._row_offsets(self._keys(groups, s.shape[0]))
+
+    def transform(self, X: Any, groups: dict | None = None) -> np.ndarray:
+        """Calibrated probabilities for logits X in `groups` ({level: array[N]})."""
+        return sigmoid(self.transform_logit(X, groups))
+
+    def fit_transform(self, X: Any, y: Any, groups: dict | None = None, weight: Any = None) -> np.ndarray:
+        return self.fit(X, y, groups, weight=weight).transform(X, groups)
 
     def get_calibration_mapping(self) -> dict[str, Any]:
         """{"global": base calibrator dict, "levels": {level: {"prior_precision", "groups":

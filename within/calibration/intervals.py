@@ -141,8 +141,8 @@ def _codes(values: Any, n: int, name: str) -> np.ndarray:
     return pd.factorize(pd.Series(a).astype(str), sort=False)[0].astype(np.int64)
 
 
-def _combine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Codes of the pair key (a, b), 0..K-1."""
+def pair_codes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Codes 0..K-1 of the crossed key (a, b) of two integer code arrays."""
     return pd.factorize(a * (int(b.max()) + 1) + b, sort=False)[0].astype(np.int64)
 
 
@@ -162,9 +162,9 @@ def finest_fields(keys: Mapping[str, Any], n: int) -> dict[str, np.ndarray]:
         if a in drop or b in drop:
             continue
         ca, cb = codes[a], codes[b]
-        if int(ca.max()) > int(cb.max()) and len(pd.unique(_combine(ca, cb))) == int(ca.max()) + 1:
+        if int(ca.max()) > int(cb.max()) and len(pd.unique(pair_codes(ca, cb))) == int(ca.max()) + 1:
             drop.add(b)  # every value of a sits in one value of b: b is coarser
-        elif len(pd.unique(_combine(ca, cb))) == int(ca.max()) + 1 == int(cb.max()) + 1 and a < b:
+        elif len(pd.unique(pair_codes(ca, cb))) == int(ca.max()) + 1 == int(cb.max()) + 1 and a < b:
             drop.add(b)  # the same partition under two names
     return {k: c for k, c in codes.items() if k not in drop}
 
@@ -191,7 +191,7 @@ def crossed_error_variance(
         if key not in cache:
             c = fields[key[0]]
             for f in key[1:]:
-                c = _combine(c, fields[f])
+                c = pair_codes(c, fields[f])
             cache[key] = c
         return cache[key]
 

@@ -23,7 +23,7 @@ from scipy.interpolate import BSpline
 from scipy.optimize import minimize
 from scipy.special import expit, log_expit, log_softmax
 
-from within.calibration.base import Calibrator, check_labels, check_scores, register
+from within.calibration.base import Calibrator, check_labels, check_scores, figure_or_file, register
 from within.calibration.metrics import ks_error
 
 _MIN_SLOPE = 1e-6  # strictly increasing map, so distinct scores keep their order
@@ -272,16 +272,15 @@ class SplineCalibrator(Calibrator):
             "regularization_used": self.regularization_,
         }
 
-    def plot_calibration_curve(self, path: str | Path) -> Path:
-        """Write a PNG reliability curve (equal-mass bins of the fit data) before and after."""
+    def plot_calibration_curve(self, path: str | Path | None = None) -> Any:
+        """Reliability curve (equal-mass bins of the fit data) before and after calibration.
+        Returns the matplotlib Figure, or writes a PNG to `path` and returns the path."""
         self._require_fitted()
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
 
         d = self.diagnostics_
-        fig, ax = plt.subplots(figsize=(5, 5))
+        fig = Figure(figsize=(5, 5))
+        ax = fig.add_subplot()
         ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfect")
         ax.plot(d["before_p"], d["before_y"], "o-", label=f"before (KS {self.ks_error_before_:.4f})")
         ax.plot(d["after_p"], d["after_y"], "s-", label=f"after spline (KS {self.ks_error_:.4f})")
@@ -289,11 +288,7 @@ class SplineCalibrator(Calibrator):
         ax.set(xlim=(0, min(hi, 1)), ylim=(0, min(hi, 1)), xlabel="mean predicted probability",
                ylabel="observed rate", title="Reliability (equal-mass bins)")
         ax.legend(loc="upper left")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        return figure_or_file(fig, path)
 
     def _params(self) -> dict[str, Any]:
         return {"n_knots": self.n_knots, "knot_spacing": self.knot_spacing,

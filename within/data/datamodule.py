@@ -223,16 +223,23 @@ class AdDataModule(L.LightningDataModule):
             raise TypeError(f"data.source must return a pandas DataFrame, got {type(df).__name__}")
         return df
 
+    def split(self) -> dict[str, pd.DataFrame]:
+        """Load, validate and split the rows, once (no tensors: what models without a processor need)."""
+        if not self.frames:
+            df = self.load_frame()
+            self.spec.validate_frame(df, require_label=True)
+            frames = split_frame(
+                df, self.spec, self.split_method, self.val_frac, self.test_frac, self.seed, self.calib_frac
+            )
+            if self.drop_modality:
+                frames = drop_modalities(frames, self.spec, self.drop_modality, self.seed)
+            self.frames = frames
+        return self.frames
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        df = self.load_frame()
-        self.spec.validate_frame(df, require_label=True)
-        self.frames = split_frame(
-            df, self.spec, self.split_method, self.val_frac, self.test_frac, self.seed, self.calib_frac
-        )
-        if self.drop_modality:
-            self.frames = drop_modalities(self.frames, self.spec, self.drop_modality, self.seed)
+        self.split()
         if self.processor is None:
             # train only: no leakage
             self.processor = FeatureProcessor(self.spec, text_model=self.text_model).fit(self.frames["train"])

@@ -34,6 +34,7 @@ class FieldSpec:
     embedding_dim: int | None = None
     level: str | None = None
     embed: bool = True
+    demographic: bool = False  # an audience attribute that fairness reports group by; the model's inputs ignore it
     # text
     max_tokens: int = 32
     n_buckets: int = 2**15
@@ -48,6 +49,11 @@ class FieldSpec:
             raise FeatureError(f"{where}: type {self.type!r} is not one of {FIELD_TYPES}")
         if self.type == "numeric" and self.transform not in NUMERIC_TRANSFORMS:
             raise FeatureError(f"{where}: transform {self.transform!r} is not one of {NUMERIC_TRANSFORMS}")
+        if self.demographic and self.type not in ("categorical", "group"):
+            raise FeatureError(
+                f"{where}: demographic applies to categorical or group fields, not {self.type}; "
+                "bucket the values into a categorical field (e.g. age bands) and mark that one"
+            )
         for key in ("min_count", "max_tokens", "n_buckets", "size", "channels"):
             if int(getattr(self, key)) < 1:
                 raise FeatureError(f"{where}: {key} must be >= 1, got {getattr(self, key)}")
@@ -148,6 +154,11 @@ class FeatureSpec:
     @property
     def groups(self) -> list[FieldSpec]:
         return self.of_type("group")
+
+    @property
+    def demographic(self) -> list[FieldSpec]:
+        """Fields marked `demographic: true`: the groups a fairness report compares."""
+        return [f for f in self.fields if f.demographic]
 
     @property
     def names(self) -> list[str]:

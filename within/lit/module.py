@@ -10,18 +10,12 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchmetrics import CatMetric, MeanMetric, Metric
 
 from within.calibration.metrics import auc as weighted_auc
 from within.calibration.metrics import ece as equal_mass_ece
-
-
-def binomial_logloss(logits: torch.Tensor, clicks: torch.Tensor, impressions: torch.Tensor) -> torch.Tensor:
-    """Sum over rows of -[c log p + (n - c) log(1 - p)]; equals BCE for 0/1 rows with n = 1."""
-    rate = (clicks / impressions).clamp(0.0, 1.0)
-    return (F.binary_cross_entropy_with_logits(logits, rate, reduction="none") * impressions).sum()
+from within.lit.losses import binomial_logloss
 
 
 class ScoreCollector(Metric):

@@ -18,16 +18,43 @@ WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "metadata.json"
 
 _REGISTRY: dict[str, type[BaseMLModel]] = {}
+# Where each saved class lives, so `load` can import it by name. A fixed table: a file names a key
+# here or nothing; it can never name a module to import. "AdScorePredictor" is the class name that
+# network bundles had before the facade moved above the pipeline.
+MODEL_MODULES = {
+    "NetworkModel": "within.models.network",
+    "AdScorePredictor": "within.models.network",
+    "CalibratedEnsemble": "within.models.ensemble",
+    "DynamicLinear": "within.models.linear",
+    "AnomalyDetector": "within.models.anomaly",
+    "AccountHealthPredictor": "within.models.account_health",
+}
 
 
 class BundleError(ValueError):
     """A saved model folder is missing, tampered with, or was not written by `within`."""
 
 
-def register_model(cls: type[BaseMLModel]) -> type[BaseMLModel]:
-    """Class decorator: make `cls` loadable by name from `metadata.json`."""
-    _REGISTRY[cls.__name__] = cls
-    return cls
+def register_model(cls: type[BaseMLModel] | None = None, *, aliases: tuple[str, ...] = ()):
+    """Class decorator: make `cls` loadable by name from `metadata.json` (and by older `aliases`)."""
+    def add(c: type[BaseMLModel]) -> type[BaseMLModel]:
+        for name in (c.__name__, *aliases):
+            _REGISTRY[name] = c
+        return c
+
+    return add if cls is None else add(cls)
+
+
+def model_class(name: str, where: str | Path = "metadata.json") -> type[BaseMLModel]:
+    """The registered class saved under `name`, importing its module from MODEL_MODULES if needed."""
+    if name not in _REGISTRY and name in MODEL_MODULES:
+        import importlib
+
+        importlib.import_module(MODEL_MODULES[name])
+    target = _REGISTRY.get(name)
+    if target is None:
+        raise BundleError(f"{where}: unknown model class {name!r}; known: {sorted(set(_REGISTRY) | set(MODEL_MODULES))}")
+    return target
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -65,15 +92,18 @@ def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
 def write_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
-    contiguous = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    # np.ascontiguousarray turns a 0-d array (BatchNorm's num_batches_tracked) into shape (1,): keep the shape
+    contiguous = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in arrays.items()}
     save_file(contiguous, str(Path(path) / WEIGHTS_FILE))
 
 
 class BaseMLModel(abc.ABC):
     """A fitted model: `fit`, `predict`, `validate`, and `save`/`load` without pickle.
 
-    Subclasses implement `fit`, `predict`, `_get_state` (arrays + JSON config) and
-    `_from_state`, and register themselves with `@register_model`.
+    Subclasses implement `predict`, `_get_state` (arrays + JSON config) and `_from_state`, and
+    register themselves with `@register_model`; those with extra files override `_save_files` and
+    `_from_bundle`. Models that learn on their own (DynamicLinear) implement `fit`; networks and
+    ensembles of them are trained by the pipeline (`AdScorePredictor(...).fit`, `train.py`).
     """
 
     task: ClassVar[str] = "binary"
@@ -90,9 +120,12 @@ class BaseMLModel(abc.ABC):
         self.model_version = model_version
         self.metadata: dict[str, Any] = dict(metadata or {})
 
-    @abc.abstractmethod
     def fit(self, X: Any, y: Any) -> BaseMLModel:
         """Fit on features X and labels y; return self."""
+        raise TypeError(
+            f"{type(self).__name__} is trained by the pipeline, not by fit(X, y): use "
+            "within.AdScorePredictor(feature_config=...).fit(df) or `python train.py`"
+        )
 
     @abc.abstractmethod
     def predict(self, X: Any) -> np.ndarray:
@@ -118,6 +151,12 @@ class BaseMLModel(abc.ABC):
         path.mkdir(parents=True, exist_ok=True)
         arrays, config = self._get_state()
         write_arrays(path, arrays)
+        self._save_files(path)
+        reference = getattr(self, "reference", None)
+        if reference is not None and getattr(self, "spec", None) is not None:
+            from within.models.reference import write_reference
+
+            write_reference(reference, self.spec, path)
         meta = {
             "class": type(self).__name__,
             "format_version": FORMAT_VERSION,
@@ -130,24 +169,57 @@ class BaseMLModel(abc.ABC):
         (path / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
         return path
 
+    def _save_files(self, path: Path) -> None:
+        """Files beside the arrays and metadata (spec.json, members/, ...); none by default."""
+
     @classmethod
     def load(cls, path: str | Path) -> BaseMLModel:
+        """Any saved model: the class named in metadata.json (which must be `cls` or a subclass)."""
+        path = Path(path)
         meta = read_metadata(path)
         name = meta["class"]
-        target = _REGISTRY.get(name)
-        if target is None:
-            raise BundleError(
-                f"{Path(path) / METADATA_FILE}: unknown model class {name!r}; "
-                f"known: {sorted(_REGISTRY)}"
-            )
+        target = model_class(name, path / METADATA_FILE)
         if not issubclass(target, cls):
             raise BundleError(f"{path}: holds a {name}, which is not a {cls.__name__}")
-        model = target._from_state(read_arrays(path), meta.get("config", {}))
+        model = target._from_bundle(path, meta)
+        model.bundle_path = path
+        if getattr(model, "spec", None) is not None:
+            from within.models.reference import read_reference
+
+            model.reference = read_reference(path, model.spec)
         model.model_name = meta.get("model_name", model.model_name)
         model.model_version = meta.get("model_version", model.model_version)
         model.feature_names = meta.get("feature_names", model.feature_names)
         model.metadata = meta.get("metadata", {}) or {}
         return model
+
+    @classmethod
+    def _from_bundle(cls, path: Path, meta: dict[str, Any]) -> BaseMLModel:
+        """Rebuild from a bundle folder; subclasses with extra files read them here."""
+        return cls._from_state(read_arrays(path), meta.get("config", {}))
+
+
+def read_json(path: Path) -> Any:
+    """A bundle's JSON file, with an error that says what is wrong."""
+    if not path.is_file():
+        raise BundleError(f"{path}: not found; is this a bundle folder written by train.py?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BundleError(f"{path}: not valid JSON ({err})") from err
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a bundle depends on (recorded in its metadata)."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("within", "torch", "lightning", "numpy", "scikit-learn", "opacus", "safetensors"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return out
 
 
 def _json_default(obj: Any) -> Any:

@@ -1,6 +1,7 @@
 """CalibratedEnsemble: several fitted ad-score models combined on the logit scale, then calibrated.
 
-Members are AdScorePredictor-like (they have `predict_logits(X)` and a `processor`). Aggregation is
+Members are any fitted models with `predict_logits(X)` and a `spec` (NetworkModel, DynamicLinear,
+another ensemble): diverse base models, as the spec asks. Aggregation is
 on logits (Lakshminarayanan et al., NeurIPS 2017, "Simple and Scalable Predictive Uncertainty
 Estimation using Deep Ensembles", average members; on the logit scale the mean is the geometric
 mean of odds, which keeps the log loss convexity argument: logloss(mean logit) <= mean logloss):
@@ -18,6 +19,7 @@ own bundles; nothing is pickled.
 """
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -25,8 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from within.models.base import BaseMLModel, BundleError, read_arrays, read_metadata, register_model
-from within.models.predictor import CALIBRATION_FILE, AdScorePredictor, _read_json, library_versions
+from within.models.base import (
+    BaseMLModel,
+    BundleError,
+    library_versions,
+    read_arrays,
+    register_model,
+)
+from within.models.network import SPEC_FILE
+from within.models.scoring import CalibratedScoring, read_calibration, write_calibration
 
 AGGREGATIONS = ("mean", "weighted", "median", "trimmed_mean")
 MEMBERS_DIR = "members"
@@ -49,12 +58,12 @@ def aggregate_logits(members: np.ndarray, method: str, weights: np.ndarray, trim
 
 
 @register_model
-class CalibratedEnsemble(AdScorePredictor):
+class CalibratedEnsemble(CalibratedScoring, BaseMLModel):
     """Members' logits aggregated, then calibrated.
 
     Args:
-        base_models: fitted members (AdScorePredictor or anything with `predict_logits(X)`,
-            `processor` and `save(path)`).
+        base_models: fitted members: any BaseMLModel with `predict_logits(X)` and a `spec`
+            (NetworkModel, DynamicLinear, ...); they must share the label (`spec.label`).
         weights: one non-negative weight per member (used by aggregation 'weighted'); default equal.
         calibration_method: calibrator `calibrate()` fits: a within.calibration name (temperature,
             platt, isotonic, spline, hierarchical, geospatial) or 'none'.
@@ -78,20 +87,14 @@ class CalibratedEnsemble(AdScorePredictor):
         if not 0.0 <= float(trim_fraction) < 0.5:
             raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
         _check_calibration_method(calibration_method)
-        # AdScorePredictor's constructor builds around one network; an ensemble has none of its own.
         BaseMLModel.__init__(self, model_name=model_name, model_version=model_version, metadata=metadata)
-        self.net, self.net_class, self.net_kwargs = None, "", {}
         self.calibrator: Any = None
         self.intervals: Any = None
-        self.batch_size = 8192
-        self.feature_config, self.model_type, self.calibration = None, "ensemble", calibration_method != "none"
-        self.explainable, self.train_overrides = False, []
         self.calibration_method = calibration_method
         self.aggregation_method = aggregation_method
         self.trim_fraction = float(trim_fraction)
         self.base_models: list[Any] = []
         self._weights = np.zeros(0)
-        self.processor = None
         for i, model in enumerate(base_models):
             self.add_model(model, 1.0 if weights is None else _weight_at(weights, i, len(base_models)))
         if weights is not None and len(weights) != len(self.base_models):
@@ -100,8 +103,11 @@ class CalibratedEnsemble(AdScorePredictor):
     # ---- members ------------------------------------------------------------------------
     def add_model(self, model: Any, weight: float = 1.0) -> CalibratedEnsemble:
         """Append a fitted member. The calibrator and intervals no longer match and are dropped."""
-        if not callable(getattr(model, "predict_logits", None)):
-            raise TypeError(f"add_model: {type(model).__name__} has no predict_logits(X); members must return logits")
+        if not callable(getattr(model, "predict_logits", None)) or getattr(model, "spec", None) is None:
+            raise TypeError(f"add_model: {type(model).__name__} has no predict_logits(X) and spec; members are "
+                            "fitted ad-score models that return logits (NetworkModel, DynamicLinear, ...)")
+        if self.base_models and model.spec.label != self.spec.label:
+            raise ValueError(f"add_model: the member predicts {model.spec.label!r}, the ensemble {self.spec.label!r}")
         weight = float(weight)
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"add_model: weight must be finite and >= 0, got {weight}")
@@ -127,10 +133,21 @@ class CalibratedEnsemble(AdScorePredictor):
             return np.full(len(self._weights), 1.0 / max(len(self._weights), 1))
         return self._weights / total
 
+    @property
+    def spec(self) -> Any:
+        """The first member's feature spec (label, weight, group fields for calibration)."""
+        return self.base_models[0].spec if self.base_models else None
+
+    @property
+    def processor(self) -> Any:
+        """The first member's feature processor, when it has one (network members)."""
+        return getattr(self.base_models[0], "processor", None) if self.base_models else None
+
     def _members_changed(self) -> None:
-        self.processor = getattr(self.base_models[0], "processor", None) if self.base_models else None
-        spec = getattr(self.processor, "spec", None)
-        self.feature_names = list(spec.names) if spec is not None else None
+        names: list[str] = []
+        for m in self.base_models:
+            names += [n for n in (m.spec.names if m.spec is not None else []) if n not in names]
+        self.feature_names = names or None
         self.calibrator = None
         self.intervals = None
 
@@ -170,7 +187,7 @@ class CalibratedEnsemble(AdScorePredictor):
     # ---- fitting the ensemble's own parameters -------------------------------------------
     def _labels(self, X: Any, y: Any) -> np.ndarray:
         if y is None:
-            label = self.processor.spec.label
+            label = self.spec.label
             if not hasattr(X, "columns") or label not in X.columns:
                 raise ValueError(f"y: not given and X has no label column {label!r}; pass y")
             y = X[label]
@@ -186,12 +203,8 @@ class CalibratedEnsemble(AdScorePredictor):
             return self
         logits = self.predict_logits(X_val)
         calibrator = make_calibrator(self.calibration_method)
-        self.calibrator = calibrator  # group_columns reads the calibrator's required columns
-        try:
-            calibrator.fit(logits, y, groups=self.group_columns(X_val), weight=weight)
-        except Exception:
-            self.calibrator = None
-            raise
+        calibrator.fit(logits, y, groups=self.group_columns(X_val, calibrator), weight=weight)
+        self.calibrator = calibrator
         self.intervals = None  # fitted on the old probabilities' logits; refit after calibrating
         return self
 
@@ -218,10 +231,13 @@ class CalibratedEnsemble(AdScorePredictor):
         self.metadata["member_logloss"] = losses.tolist()
         return self.get_model_weights()
 
-    def fit(self, X: Any, y: Any = None, label: str = "clicked", output_dir: str | Path | None = None) -> CalibratedEnsemble:
-        """Train every member through the pipeline (`model=ensemble`), as AdScorePredictor.fit does.
-        To refit only the ensemble's own weights and calibrator, use update_weights / calibrate."""
-        return super().fit(X, y, label=label, output_dir=output_dir)
+    def fit(self, X: Any, y: Any = None, weight: Any = None) -> CalibratedEnsemble:
+        """Fit the ensemble's own parameters on held-out rows of fitted members: weights (for
+        aggregation 'weighted') and the calibrator. Members are trained elsewhere (the pipeline's
+        `model=ensemble`, or each model's own fit)."""
+        if self.aggregation_method == "weighted":
+            self.update_weights(X, y, weight=weight)
+        return self.calibrate(X, y, weight=weight)
 
     # ---- persistence --------------------------------------------------------------------
     def _get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -241,7 +257,7 @@ class CalibratedEnsemble(AdScorePredictor):
         if len(members) != int(config.get("n_members", 0)):
             raise BundleError(
                 f"CalibratedEnsemble: {config.get('n_members')} members expected, got {len(members)}; "
-                "load ensembles with AdScorePredictor.load(path), which reads the members/ sub-bundles"
+                "load ensembles with CalibratedEnsemble.load(path), which reads the members/ sub-bundles"
             )
         weights = np.asarray(arrays.get("weights", np.ones(len(members))), dtype=np.float64)
         if weights.shape != (len(members),):
@@ -250,37 +266,26 @@ class CalibratedEnsemble(AdScorePredictor):
                    aggregation_method=config.get("aggregation_method", "mean"),
                    trim_fraction=float(config.get("trim_fraction", 0.2)))
 
-    def save(self, path: str | Path) -> Path:
-        path = super().save(path)  # metadata.json, model.safetensors (weights), spec.json, calibration.json
+    def _save_files(self, path: Path) -> None:
+        write_calibration(self, path)
+        if self.processor is not None:  # the input schema at the top, for servers; members keep their own
+            (path / SPEC_FILE).write_text(json.dumps(self.processor.to_dict()))
         members_dir = path / MEMBERS_DIR
         if members_dir.exists():
             shutil.rmtree(members_dir)  # a smaller ensemble saved over a larger one leaves no stale members
         for i, model in enumerate(self.base_models):
             model.save(members_dir / str(i))
-        return path
 
     @classmethod
-    def load(cls, path: str | Path) -> CalibratedEnsemble:
-        path = Path(path)
-        meta = read_metadata(path)
-        if meta["class"] != cls.__name__:
-            raise BundleError(f"{path}: holds a {meta['class']}, not a {cls.__name__}")
+    def _from_bundle(cls, path: Path, meta: dict[str, Any]) -> CalibratedEnsemble:
         config = meta.get("config", {})
         n = int(config.get("n_members", 0))
         missing = [i for i in range(n) if not (path / MEMBERS_DIR / str(i)).is_dir()]
         if missing:
             raise BundleError(f"{path / MEMBERS_DIR}: member sub-bundles {missing} are missing; copy the whole bundle folder")
-        members = [AdScorePredictor.load(path / MEMBERS_DIR / str(i)) for i in range(n)]
+        members = [BaseMLModel.load(path / MEMBERS_DIR / str(i)) for i in range(n)]
         model = cls._from_state(read_arrays(path), config, members=members)
-        model.model_name = meta.get("model_name", model.model_name)
-        model.model_version = meta.get("model_version", model.model_version)
-        model.metadata = meta.get("metadata", {}) or {}
-        calib = _read_json(path / CALIBRATION_FILE) if (path / CALIBRATION_FILE).is_file() else {}
-        from within.calibration import calibrator_from_dict
-        from within.calibration.intervals import ProbabilityIntervals
-
-        model.calibrator = calibrator_from_dict(calib["calibrator"]) if calib.get("calibrator") else None
-        model.intervals = ProbabilityIntervals.from_dict(calib["intervals"]) if calib.get("intervals") else None
+        model.calibrator, model.intervals = read_calibration(path)
         return model
 
 

@@ -21,7 +21,9 @@ class AdaptiveDropout(nn.Module):
     """Inverted dropout with one rate per feature group (e.g. text / image / tabular).
 
     `forward(x, group)` drops with that group's current rate in training and is the identity in
-    eval mode. `update_rate` moves each rate by `step_size` up or down (rule in its docstring)
+    eval mode; `forward(x)` (no group: the layer used as one plain dropout) drops with the mean of
+    the group rates, which is every group's rate when only the gap or layer-wide gradient norms
+    steer it. `update_rate` moves each rate by `step_size` up or down (rule in its docstring)
     and clamps it to `adaptive_range`. Rates and the gap-tracking state are buffers, so they
     are saved in checkpoints and restored on resume.
     """
@@ -65,25 +67,38 @@ class AdaptiveDropout(nn.Module):
         self.register_buffer("smoothed_gap", torch.zeros((), dtype=torch.float64))
         self.register_buffer("gap_window", torch.zeros(window_size, dtype=torch.float64))
         self.register_buffer("n_observations", torch.zeros((), dtype=torch.long))
+        # gradient history: per group, per update_rate call that brought it norms, (count, mean, M2)
+        # of those norms; the newest call last, the last `window_size` calls kept
+        self.register_buffer("grad_window", torch.zeros(len(groups), window_size, 3, dtype=torch.float64))
 
-    def forward(self, x: torch.Tensor, group: str) -> torch.Tensor:
-        if group not in self._index:
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints from before the gradient history have none: start it empty
+        state_dict.setdefault(prefix + "grad_window", torch.zeros_like(self.grad_window))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor, group: str | None = None) -> torch.Tensor:
+        if group is not None and group not in self._index:
             raise ValueError(f"group={group!r} is not one of this AdaptiveDropout's groups {self.groups}")
         if not self.training:
             return x
         # Rate stays a tensor: reading it as a float would force a GPU sync every step.
-        p = self.rates[self._index[group]].to(x.dtype)
+        rate = self.rates.mean() if group is None else self.rates[self._index[group]]
+        p = rate.to(x.dtype)
         keep = torch.rand_like(x) >= p
         return x * keep / (1.0 - p)
 
     def update_rate(
         self,
-        grads: Mapping[str, torch.Tensor | Sequence[float] | np.ndarray] | None = None,
+        grads: Mapping[str, torch.Tensor | Sequence[float] | np.ndarray] | torch.Tensor | Sequence[float]
+        | np.ndarray | None = None,
         *,
         train_loss: float | None = None,
         val_loss: float | None = None,
     ) -> dict[str, float]:
         """Move each group's rate one step and return the new rates.
+
+        `grads`: recent gradient norms, {group: norms} per group, or one sequence of norms for the
+        whole layer (then every group reads it).
 
         The rule, per call:
           1. If both losses are given, the gap g = val_loss - train_loss is smoothed,
@@ -91,8 +106,10 @@ class AdaptiveDropout(nn.Module):
              of the last `window_size` values. The trend is the least-squares slope of that window
              (needs >= 2 values; slopes <= 1e-9 count as flat). A constant offset between the two losses has no slope, so only
              a *widening* gap counts.
-          2. For each group with at least two gradient norms in `grads[group]`, the gradient noise
-             ratio is std(norms) / |mean(norms)|.
+          2. Gradient history: the norms in `grads[group]` join that group's history, which keeps
+             the norms of its last `window_size` calls that brought any. For each group given
+             norms in this call, and with at least two norms in its history, the gradient noise
+             ratio is std / |mean| over all the norms in its history (population std).
           3. A group's rate rises by `step_size` if the trend is > 0 or its noise ratio exceeds
              `noise_threshold`; otherwise, if at least one of the two signals exists, it falls
              by `step_size`; with no signal it stays. The gap applies to all groups; the noise
@@ -106,12 +123,14 @@ class AdaptiveDropout(nn.Module):
             if not math.isfinite(gap):
                 raise ValueError(f"train_loss={train_loss!r} and val_loss={val_loss!r} must be finite")
             trend = self._observe_gap(gap)
+        if grads is not None and not isinstance(grads, Mapping):
+            grads = dict.fromkeys(self.groups, grads)  # layer-wide norms steer every group
         unknown = set(grads or {}) - set(self.groups)
         if unknown:
             raise ValueError(f"grads has groups {sorted(unknown)} not in this AdaptiveDropout's groups {self.groups}")
         lo, hi = self.adaptive_range
         for group, i in self._index.items():
-            ratio = _noise_ratio((grads or {}).get(group))
+            ratio = self._observe_grads(i, (grads or {}).get(group))
             noisy = ratio is not None and ratio > self.noise_threshold
             widening = trend is not None and trend > _TREND_EPS
             if widening or noisy:
@@ -122,6 +141,24 @@ class AdaptiveDropout(nn.Module):
                 continue
             self.rates[i] = min(hi, max(lo, float(self.rates[i]) + delta))
         return self.get_current_rate()
+
+    def _observe_grads(self, i: int, norms: torch.Tensor | Iterable[float] | None) -> float | None:
+        """Add this call's norms to group i's history; the noise ratio over it (None: no signal)."""
+        arr = _as_array(norms)
+        if arr.size == 0:
+            return None
+        mean = float(arr.mean())
+        window = self.grad_window[i]
+        window.copy_(torch.roll(window, -1, dims=0))
+        window[-1] = torch.tensor([arr.size, mean, float(((arr - mean) ** 2).sum())], dtype=torch.float64)
+        count, means, m2 = (window[:, j].cpu().numpy() for j in range(3))
+        n = count.sum()
+        if n < 2:
+            return None
+        pooled = float((count * means).sum() / n)
+        # Chan et al.'s pairwise combination: the exact spread of the concatenated norms
+        spread = float((m2 + count * (means - pooled) ** 2).sum())
+        return math.sqrt(spread / n) / abs(pooled) if pooled != 0 else math.inf
 
     def _observe_gap(self, gap: float) -> float | None:
         k = int(self.n_observations)
@@ -146,27 +183,23 @@ class AdaptiveDropout(nn.Module):
         return float(self.rates[self._index[group]])
 
     def reset(self) -> None:
-        """Restore the initial rates and forget the gap history."""
+        """Restore the initial rates and forget the gap and gradient histories."""
         self.rates.fill_(self.p)
         self.smoothed_gap.zero_()
         self.gap_window.zero_()
         self.n_observations.zero_()
+        self.grad_window.zero_()
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, rates={self.get_current_rate()}, range={self.adaptive_range}"
 
 
-def _noise_ratio(norms: torch.Tensor | Iterable[float] | None) -> float | None:
+def _as_array(norms: torch.Tensor | Iterable[float] | None) -> np.ndarray:
     if norms is None:
-        return None
+        return np.zeros(0)
     if isinstance(norms, torch.Tensor):
-        arr = norms.detach().double().cpu().numpy().ravel()
-    else:
-        arr = np.asarray(list(norms), dtype=np.float64).ravel()
-    if arr.size < 2:
-        return None
-    mean = abs(arr.mean())
-    return float(arr.std() / mean) if mean > 0 else math.inf
+        return norms.detach().double().cpu().numpy().ravel()
+    return np.asarray(list(norms), dtype=np.float64).ravel()
 
 
 def default_regularisation(n_rows: int, n_features: int) -> dict[str, float]:

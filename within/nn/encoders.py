@@ -1,18 +1,23 @@
-"""Per-modality encoders: tabular, hashed text, images. Plain `nn.Module`s, no Lightning.
+"""Per-modality encoders: tabular, hashed text, sentence embeddings, a fine-tuned transformer, images.
+Plain `nn.Module`s, no Lightning.
 
 Layers are limited to those Opacus computes per-sample gradients for (Linear, Embedding,
-EmbeddingBag, Conv2d, LayerNorm/GroupNorm), so every encoder also trains under DP-SGD.
+EmbeddingBag, Conv2d, LayerNorm/GroupNorm), so every encoder but TransformerTextEncoder (a
+Hugging Face model with DeltaLinear layers; not for DP-SGD) also trains under DP-SGD.
 With `dp_compatible=True` an encoder keeps each sample's data on the batch dimension
 (no folding fields into the batch), which per-sample gradients require.
 """
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from within.features.text_models import encoder_layers, mean_pool, normalises, resolve_model_path
 
 
 def auto_embedding_dim(cardinality: int, cap: int = 16) -> int:
@@ -160,9 +165,117 @@ class EmbeddingTextEncoder(nn.Module):
             raise ValueError(f"n_fields and embedding_dim must be >= 1, got {n_fields} and {embedding_dim}")
         self.n_fields, self.embedding_dim, self.out_dim = int(n_fields), int(embedding_dim), int(out_dim)
         self.proj = nn.Linear(self.n_fields * self.embedding_dim, self.out_dim)
+        # follows .to(dtype) (bf16-true training); `proj` itself may be replaced (SmoothQuant, int8)
+        self.register_buffer("_dtype_anchor", torch.zeros(0), persistent=False)
 
     def forward(self, text_emb: torch.Tensor) -> torch.Tensor:
-        return self.proj(text_emb.reshape(text_emb.shape[0], -1).to(self.proj.weight.dtype))
+        return self.proj(text_emb.reshape(text_emb.shape[0], -1).to(self._dtype_anchor.dtype))
+
+
+class DeltaLinear(nn.Module):
+    """A pretrained Linear trained at `lr_scale` times the optimizer's learning rate: W = W0 + lr_scale * dW.
+
+    The training loop hands every parameter to one optimizer with one learning rate. Adam's step
+    does not depend on the gradient's scale, so dW moves at lr and W at lr * lr_scale (exactly, for
+    Adam/AdamW; SGD would see lr * lr_scale^2). W0 stays frozen, and weight decay pulls W back
+    toward the pretrained weights rather than toward zero. W0 and dW are plain Parameters, not an
+    inner nn.Linear, so int8 dynamic quantization (which swaps nn.Linear modules) leaves it whole.
+    """
+
+    def __init__(self, linear: nn.Linear, lr_scale: float) -> None:
+        super().__init__()
+        self.weight0 = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+        self.bias0 = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.delta_weight = nn.Parameter(torch.zeros_like(self.weight0))
+        self.delta_bias = None if linear.bias is None else nn.Parameter(torch.zeros_like(self.bias0))
+        self.lr_scale = float(lr_scale)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight0 + self.lr_scale * self.delta_weight
+        b = None if self.bias0 is None else self.bias0 + self.lr_scale * self.delta_bias
+        return nn.functional.linear(x, w, b)
+
+
+def _exporting() -> bool:
+    """True while torch.export / ONNX traces the module: no data-dependent shapes then."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting()) or torch.jit.is_tracing()
+
+
+class TransformerTextEncoder(nn.Module):
+    """A Hugging Face encoder (e.g. all-MiniLM-L6-v2) inside the network, its top layers fine-tuned.
+
+    Input `text` int64 [B, n_fields, L]: WordPiece ids, 0 = padding (FeatureProcessor with
+    text_model.finetune=true). Each field is encoded by the one shared transformer, mean-pooled
+    over its tokens (L2-normalised when the model's sentence-transformers config says so), and a
+    Linear over the fields' vectors gives [B, out_dim]; a field with no tokens pools to zero.
+
+    Only the Linear layers of the top `train_layers` transformer blocks train, each as a
+    DeltaLinear at `lr_scale` times the head's learning rate; everything below stays frozen.
+    The weights come from the local model folder (never downloaded) and are then overwritten by
+    the bundle's own when a trained model is loaded.
+    In eager mode a batch is cut to its longest row and duplicate rows run once (rows of one ad
+    share their text); under export the graph keeps the full width.
+    """
+
+    def __init__(self, name: str, n_fields: int, out_dim: int = 32, train_layers: int = 2,
+                 lr_scale: float = 0.1) -> None:
+        super().__init__()
+        if n_fields < 1:
+            raise ValueError(f"n_fields must be >= 1, got {n_fields}")
+        path = resolve_model_path(name)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the local folder only
+        from transformers import AutoModel
+
+        self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        layers = encoder_layers(self.model)
+        if not 1 <= int(train_layers) <= len(layers):
+            raise ValueError(f"text_model.finetune_layers: {train_layers} is outside [1, {len(layers)}] "
+                             f"(the model has {len(layers)} transformer layers)")
+        for layer in layers[len(layers) - int(train_layers):]:
+            for parent in list(layer.modules()):
+                for child_name, child in list(parent.named_children()):
+                    if isinstance(child, nn.Linear):
+                        setattr(parent, child_name, DeltaLinear(child, lr_scale))
+        self.name, self.n_fields, self.out_dim = str(name), int(n_fields), int(out_dim)
+        self.train_layers, self.lr_scale = int(train_layers), float(lr_scale)
+        self.normalize = normalises(path)
+        self.dim = int(self.model.config.hidden_size)
+        self.proj = nn.Linear(self.n_fields * self.dim, self.out_dim)
+
+    def train(self, mode: bool = True) -> TransformerTextEncoder:
+        super().train(mode)
+        frozen = len(encoder_layers(self.model)) - self.train_layers
+        if mode:  # frozen blocks stay deterministic (no dropout), as in the frozen-embedding path
+            self.model.embeddings.eval()
+            for layer in encoder_layers(self.model)[:frozen]:
+                layer.eval()
+        return self
+
+    def _pool(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = ids != 0
+        empty = ~mask.any(dim=1)
+        # an all-padding row still attends to one position (no NaN from an empty softmax); it pools to 0 below
+        mask = mask | (empty.unsqueeze(1) & (torch.arange(ids.shape[1], device=ids.device) == 0))
+        hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        emb = mean_pool(hidden, mask.long())
+        if self.normalize:
+            emb = nn.functional.normalize(emb, p=2, dim=1)
+        return emb * (~empty).unsqueeze(1).to(emb.dtype)
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        b, f, length = text.shape
+        ids = text.reshape(b * f, length)
+        if _exporting():
+            emb = self._pool(ids)
+        else:
+            used = int((ids != 0).any(dim=0).nonzero().max()) + 1 if bool((ids != 0).any()) else 1
+            uniq, inverse = torch.unique(ids[:, :used], dim=0, return_inverse=True)
+            emb = self._pool(uniq)[inverse]
+        return self.proj(emb.reshape(b, f * self.dim).to(self.proj.weight.dtype))
 
 
 class SimpleCNNImageEncoder(nn.Module):
@@ -319,11 +432,13 @@ def build_image_encoder(
 
 
 __all__ = [
+    "DeltaLinear",
     "EmbeddingTextEncoder",
     "HashedTextEncoder",
     "SimpleCNNImageEncoder",
     "TabularEncoder",
     "TimmImageEncoder",
+    "TransformerTextEncoder",
     "auto_embedding_dim",
     "build_image_encoder",
 ]

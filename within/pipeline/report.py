@@ -1,6 +1,7 @@
-"""Scoring a predictor on a frame, and the run report: metrics.json, report.md and PNG plots.
+"""Scoring a model on a frame, and the run report: metrics.json, report.md and PNG plots.
 
-train.py and evaluate.py both score through `score_frame`, so their numbers agree exactly.
+train.py and evaluate.py both write the test report through `write_test_report` (and score through
+`score_frame`), so their numbers agree exactly.
 """
 from __future__ import annotations
 
@@ -16,16 +17,51 @@ from within.calibration.metrics import binary_report
 from within.features.spec import FeatureSpec
 
 
-def score_frame(predictor: Any, df: pd.DataFrame, split: str = "test") -> tuple[dict[str, float], np.ndarray]:
-    """Flat `split/name` metrics of the predictor on a labelled frame, plus its probabilities."""
-    spec: FeatureSpec = predictor.processor.spec
-    p = np.asarray(predictor.predict(df), dtype=np.float64)
+def score_frame(model: Any, df: pd.DataFrame, split: str = "test",
+                spec: FeatureSpec | None = None) -> tuple[dict[str, float], np.ndarray]:
+    """Flat `split/name` metrics of the model on a labelled frame, plus its probabilities
+    (`spec`: the rows' schema, for a model without one of its own)."""
+    spec = spec or model.spec
+    p = np.asarray(model.predict(df), dtype=np.float64)
     y = df[spec.label].to_numpy(dtype=np.float64)
     weight = df[spec.weight].to_numpy(dtype=np.float64) if spec.weight else None
     groups = {f.name: df[f.name].to_numpy() for f in spec.groups if f.name in df}
     truth = df[spec.truth].to_numpy(dtype=np.float64) if spec.truth and spec.truth in df else None
     report = binary_report(p, y, weight=weight, groups=groups or None, truth=truth)
     return {f"{split}/{k}": float(v) for k, v in report.items()}, p
+
+
+def write_test_report(model: Any, frame: pd.DataFrame, report_dir: Path, split: str = "test",
+                      history: list[dict[str, float]] | None = None, metrics: dict[str, float] | None = None,
+                      extra_metrics: Any = None, sections: Any = None, spec: FeatureSpec | None = None) -> dict[str, float]:
+    """The test report, the one sequence for every model kind and for evaluate.py: score the frame,
+    draw the reliability diagram (calibrated and raw, against observed and, on the simulator, true
+    CTR) and the training curve, then write metrics.json and report.md.
+
+    `metrics`: the run's metrics so far, updated in place with everything the report holds;
+    `extra_metrics(frame) -> dict` and `sections(metrics) -> dict` add what the post-fit steps know.
+    Returns the split's own scores (what the loggers record).
+    """
+    out = metrics if metrics is not None else {}
+    spec = spec or model.spec
+    scored, p = score_frame(model, frame, split, spec)
+    out.update(scored)
+    y = frame[spec.label].to_numpy(dtype=float)
+    truth = frame[spec.truth].to_numpy(dtype=float) if spec.truth and spec.truth in frame else None
+    weight = frame[spec.weight].to_numpy(dtype=float) if spec.weight else None
+    calibrated = getattr(model, "calibrator", None) is not None
+    curves = {"calibrated" if calibrated else "model": p}
+    if calibrated:
+        curves["uncalibrated"] = 1.0 / (1.0 + np.exp(-model.predict_logits(frame)))
+    report_dir.mkdir(parents=True, exist_ok=True)
+    plot_reliability(curves, y, report_dir / "reliability.png", truth=truth, weight=weight)
+    if history:
+        plot_training_curve(history, report_dir / "training_curve.png")
+    if extra_metrics is not None:
+        out.update(extra_metrics(frame))
+    write_metrics(out, report_dir)
+    write_markdown(report_dir, out, extra=sections(out) if sections is not None else None)
+    return scored
 
 
 def write_metrics(metrics: dict[str, float], report_dir: Path) -> Path:

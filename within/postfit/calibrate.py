@@ -11,23 +11,26 @@ class Calibrate:
 
     name = "calibrate"
 
+    @staticmethod
+    def skip_reason(model) -> str | None:
+        if callable(getattr(model, "group_columns", None)) and callable(getattr(model, "predict_logits", None)):
+            return None
+        return f"{type(model).__name__} calibrates itself (it has no logits for a pipeline calibrator)"
+
     def run(self, ctx: PostfitContext) -> None:
         from within.calibration.metrics import ece
 
+        model = ctx.model
         if ctx.calibrator_factory is None:
-            ctx.predictor.calibrator = None
+            model.calibrator = None
             return
         split, frame = ctx.calibration_frame()
-        logits = ctx.predictor.predict_logits(frame)
-        y, w = labels_of(ctx.predictor, frame)
+        logits = model.predict_logits(frame)
+        y, w = labels_of(model, frame)
         calibrator = ctx.calibrator_factory()
-        ctx.predictor.calibrator = None
-        groups = None
-        if getattr(calibrator, "required_columns", None) or ctx.predictor.processor.spec.groups:
-            ctx.predictor.calibrator = calibrator  # so group_columns knows what it needs
-            groups = ctx.predictor.group_columns(frame)
+        groups = model.group_columns(frame, calibrator)
         calibrator.fit(logits, y, groups=groups, weight=w)
-        ctx.predictor.calibrator = calibrator
+        model.calibrator = calibrator
         before = 1.0 / (1.0 + np.exp(-logits))
         after = calibrator.transform(logits, groups=groups)
         ctx.metrics[f"{split}/ece_uncalibrated"] = float(ece(before, y, weight=w))

@@ -20,16 +20,15 @@ log = logging.getLogger(__name__)
 class EnsembleReport:
     name = "ensemble"
 
+    @staticmethod
+    def skip_reason(model) -> str | None:
+        return None if getattr(model, "base_models", None) is not None else "a single model; nothing to compare"
+
     def run(self, ctx: PostfitContext) -> None:
         from within.calibration.metrics import auc, logloss
 
-        predictor = ctx.predictor
-        if getattr(predictor, "base_models", None) is None:
-            log.info("postfit ensemble: the model is a single network (model=nn); nothing to compare")
-            return
-        frame = ctx.frames.get("test")
-        if frame is None or not len(frame):
-            _, frame = ctx.calibration_frame()
+        predictor = ctx.model
+        frame = ctx.scoring_frame()
         y, w = labels_of(predictor, frame)
         members = predictor.member_logits(frame)
         combined = predictor.aggregate(members)

@@ -34,14 +34,14 @@ CONTENT_KEY = "content"
 log = logging.getLogger(__name__)
 
 
-def interval_keys(predictor, frame: pd.DataFrame, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+def interval_keys(model, frame: pd.DataFrame, columns: list[str] | None = None) -> dict[str, np.ndarray]:
     """{key: values} of the units whose rows share parts of the model's error (see module docstring)."""
     if columns:
         missing = [c for c in columns if c not in frame.columns]
         if missing:
             raise ValueError(f"intervals.keys: columns {missing} are not in the calib frame (have {sorted(frame.columns)[:30]})")
         return {c: frame[c].to_numpy() for c in columns}
-    spec = predictor.processor.spec
+    spec = model.spec
     names = [f.name for f in spec.of_type("categorical") + spec.groups]
     keys = {c: frame[c].to_numpy() for c in dict.fromkeys(names) if c in frame.columns}
     text = [f.name for f in spec.text if f.name in frame.columns]
@@ -62,9 +62,13 @@ def check_splits(splits) -> list[str]:
 
 
 class Intervals:
-    """Fit ProbabilityIntervals on the val + calib raw logits and store it on the predictor."""
+    """Fit ProbabilityIntervals on the val + calib raw logits and store it on the model."""
 
     name = "intervals"
+
+    @staticmethod
+    def skip_reason(model) -> str | None:
+        return None if hasattr(model, "logits_with_members") else f"{type(model).__name__} has no logits_with_members"
 
     def run(self, ctx: PostfitContext) -> None:
         from within.calibration.intervals import ProbabilityIntervals
@@ -72,19 +76,19 @@ class Intervals:
         settings = ctx.settings("intervals")
         alpha = float(settings.get("alpha", 0.1))
         split, frame = self.fit_frame(ctx, settings.get("splits", ("val", "calib")))
-        logits, members = ctx.predictor.logits_with_members(frame)
-        y, w = labels_of(ctx.predictor, frame)
+        logits, members = ctx.model.logits_with_members(frame)
+        y, w = labels_of(ctx.model, frame)
         columns = settings.get("keys")
-        keys = interval_keys(ctx.predictor, frame, list(columns) if columns else None)
+        keys = interval_keys(ctx.model, frame, list(columns) if columns else None)
         intervals = ProbabilityIntervals(max_fit_rows=int(settings.get("max_fit_rows", 200_000)),
                                          seed=int(settings.get("seed", 0)),
                                          pairs=bool(settings.get("pairs", True)),
                                          residual_var=settings.get("residual_var"),
                                          weight_power=float(settings.get("weight_power", 0.5)))
         intervals.fit(logits, y, keys=keys, member_logits=members, weight=w)
-        ctx.predictor.intervals = intervals
+        ctx.model.intervals = intervals
         calib_split, calib_frame = ctx.calibration_frame()
-        ctx.metrics.update(interval_metrics(ctx.predictor, calib_frame, calib_split, alpha))
+        ctx.metrics.update(interval_metrics(ctx.model, calib_frame, calib_split, alpha))
         ctx.metrics.update(spread_metrics(intervals, alpha))
         warn_if_uncertain(intervals, alpha, len(frame), split)
         ctx.metadata["intervals"] = {"split": split, "alpha": alpha, "uses_members": members is not None,
@@ -123,15 +127,15 @@ def warn_if_uncertain(intervals, alpha: float, rows: int, split: str, max_rel_se
         "benchmarks/interval_identifiability.py.)", tau2, se, split, rows, 100 * (1 - alpha), low, high)
 
 
-def interval_metrics(predictor, frame, split: str = "test", alpha: float = 0.1) -> dict[str, float]:
+def interval_metrics(model, frame, split: str = "test", alpha: float = 0.1) -> dict[str, float]:
     """Mean interval width and, where the frame has the simulator truth, coverage of the true CTR."""
     from within.calibration.intervals import coverage, mean_width
 
-    if getattr(predictor, "intervals", None) is None:
+    if getattr(model, "intervals", None) is None:
         return {}
-    _, lo, hi = predictor.predict_with_intervals(frame, alpha=alpha)
+    _, lo, hi = model.predict_with_intervals(frame, alpha=alpha)
     out = {f"{split}/interval_width": mean_width(lo, hi)}
-    spec = predictor.processor.spec
+    spec = model.spec
     if spec.truth and spec.truth in frame:
         out[f"{split}/interval_coverage_true"] = coverage(lo, hi, frame[spec.truth].to_numpy(dtype=np.float64))
     return out

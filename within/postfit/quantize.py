@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from within.postfit.context import PostfitContext, labels_of, members_of
+from within.postfit.context import PostfitContext, labels_of, members_of, networks_of
 
 log = logging.getLogger(__name__)
 INT8_FILE = "model_int8.safetensors"
@@ -179,6 +179,8 @@ def rebuild_int8(fp32_net: nn.Module, arrays: dict[str, np.ndarray]) -> nn.Modul
         if key not in arrays:
             raise ValueError(f"int8 state has no tensor {key!r} for this network")
         value = torch.from_numpy(np.array(arrays[key]))
+        if value.numel() == t.numel() == 1:  # a scalar buffer written as shape (1,) by older files
+            value = value.reshape(t.shape)
         if value.shape != t.shape:
             raise ValueError(f"int8 state: {key} has shape {tuple(value.shape)}, the network {tuple(t.shape)}")
         t.copy_(value)
@@ -197,13 +199,13 @@ def load_int8(bundle: str | Path, int8_file: str | Path | None = None) -> Any:
     (default: export/model_int8.safetensors beside the bundle)."""
     from safetensors.numpy import load_file
 
-    from within.models.predictor import AdScorePredictor
+    from within.models.base import BaseMLModel
 
     bundle = Path(bundle)
     path = Path(int8_file) if int8_file else bundle.parent / "export" / INT8_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no int8 file; it is written by the post-fit step `quantize`")
-    predictor = AdScorePredictor.load(bundle)
+    predictor = BaseMLModel.load(bundle)
     arrays = load_file(str(path))
     for i, member in enumerate(members_of(predictor)):
         prefix = f"member{i}/"
@@ -224,31 +226,34 @@ class Quantize:
 
     name = "quantize"
 
+    @staticmethod
+    def skip_reason(model) -> str | None:
+        members = networks_of(model)
+        if members is None:
+            return f"{type(model).__name__} has no network to quantize"
+        if not all(callable(getattr(m.net, "quantize", None)) for m in members):
+            return "a network has no quantize()"
+        return None
+
     def run(self, ctx: PostfitContext) -> None:
         from within.calibration.metrics import auc, logloss
 
         settings = ctx.settings("quantize")
         batch_size = int(settings.get("batch_size", 1024))
         repeats = int(settings.get("repeats", 21))  # paired fp32/int8 repeats (compare_forward)
-        members = members_of(ctx.predictor)
-        if not all(callable(getattr(getattr(m, "net", None), "quantize", None)) for m in members):
-            log.warning("postfit quantize: a network has no quantize(); skipped")
-            ctx.metadata["quantize"] = {"skipped": "a network has no quantize()"}
-            return
+        members = members_of(ctx.model)
         fp32 = [m.net.eval() for m in members]
         calibration = self.calibration_batches(ctx, members, int(settings.get("calibration_rows", 4096)))
         alpha = float(settings.get("smooth_alpha", 0.5))
         int8 = [net.quantize(calibration=b, smooth_alpha=alpha).eval() for net, b in zip(fp32, calibration)]
-        frame = ctx.frames.get("test")
-        if frame is None or not len(frame):
-            _, frame = ctx.calibration_frame()
+        frame = ctx.scoring_frame()
         max_rows = int(settings.get("max_rows", 20_000))
         if len(frame) > max_rows:  # the deltas need a sample, not every test row twice
             frame = frame.sample(n=max_rows, random_state=0)
-        y, w = labels_of(ctx.predictor, frame)
-        p32 = np.asarray(ctx.predictor.predict(frame))
+        y, w = labels_of(ctx.model, frame)
+        p32 = np.asarray(ctx.model.predict(frame))
         with swapped_nets(members, int8):
-            p8 = np.asarray(ctx.predictor.predict(frame))
+            p8 = np.asarray(ctx.model.predict(frame))
         sample = frame.sample(n=batch_size, replace=len(frame) < batch_size, random_state=0)
         batches = member_batches(members, sample)
         timing = compare_forward(fp32, int8, batches, repeats)
@@ -296,7 +301,7 @@ class Quantize:
                 again = rebuild_int8(member.net, own)
                 if not torch.equal(again(batch), qnet(batch)):
                     raise ValueError("the rebuilt int8 network does not reproduce the quantized one")
-                arrays.update({f"member{i}/{k}": np.ascontiguousarray(v) for k, v in own.items()})
+                arrays.update({f"member{i}/{k}": np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in own.items()})
         except (TypeError, ValueError, KeyError, RuntimeError) as err:
             log.warning("postfit quantize: int8 state not saved (%s); the fp32 bundle is the artifact", err)
             return {"int8_saved": False, "why_not_saved": str(err)}

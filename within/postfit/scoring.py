@@ -16,12 +16,12 @@ def postfit_test_metrics(ctx: PostfitContext, frame: pd.DataFrame, split: str = 
     from within.calibration.metrics import REPORT_MIN_CLICKS, field_rce
 
     alpha = float(ctx.settings("intervals").get("alpha", 0.1))
-    out = interval_metrics(ctx.predictor, frame, split, alpha)
-    predictor = ctx.predictor
-    if predictor.calibrator is not None:
-        y, w = labels_of(predictor, frame)
-        raw = 1.0 / (1.0 + np.exp(-predictor.predict_logits(frame)))
-        for f in predictor.processor.spec.groups:
+    out = interval_metrics(ctx.model, frame, split, alpha)
+    model = ctx.model
+    if model.calibrator is not None:
+        y, w = labels_of(model, frame)
+        raw = 1.0 / (1.0 + np.exp(-model.predict_logits(frame)))
+        for f in model.spec.groups:
             if f.name in frame:
                 out[f"{split}/field_rce_uncalibrated/{f.name}"] = field_rce(raw, y, frame[f.name].to_numpy(), w, min_clicks=REPORT_MIN_CLICKS)
     return out

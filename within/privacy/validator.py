@@ -128,40 +128,72 @@ class DPTrainingValidator(pl.Callback):
         self.params = p
         return p
 
-    def audit_model(self, model: nn.Module, optimizer: Any = None, hooks: Any = None) -> None:
-        """Refuse a model Opacus can't make private, or one that was not actually made private.
+    def audit_model(self, model: nn.Module, optimizer: Any = None, hooks: Any = None,
+                    datamodule: Any = None) -> dict[str, Any]:
+        """Audit a model for privacy: its structure always, its leakage when it can. Returns what was done.
 
-        Checks: no BatchNorm (it mixes rows, so per-sample clipping bounds nothing);
-        `ModuleValidator.validate(strict=True)`; per-sample gradient hooks attached to this
-        model (GradSampleModule / GradSampleHooks); the optimizer is a DPOptimizer.
+        `model`: the network, or the LightningModule that trained it (its `privacy` state then
+        supplies the optimizer and hooks). Structure (raises PrivacyConfigError on a failure): no
+        BatchNorm (it mixes rows, so per-sample clipping bounds nothing); Opacus'
+        `ModuleValidator.validate`; per-sample gradient hooks attached to this model
+        (GradSampleModule / GradSampleHooks); the optimizer, when known, is a DPOptimizer.
+
+        Leakage (`empirical_audit`: membership-inference AUC and the one-run canary bound): reported
+        when it already ran after fit, run now when given the trained LightningModule and a
+        `datamodule` with 'train' and 'test' `datasets`, else not run. The result says which:
+        {"structure_checks": [...], "leakage_audit": "reported" | "ran" | "not run",
+        "leakage_note": why, "audit/...": the audit's figures}.
         """
         from opacus.grad_sample import AbstractGradSampleHooks, AbstractGradSampleModule
         from opacus.optimizers import DPOptimizer
         from opacus.validators import ModuleValidator
 
-        bn = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        module = model if isinstance(getattr(model, "net", None), nn.Module) else None
+        private = getattr(module, "privacy", None) if module is not None else None
+        net = module.net if module is not None else model
+        if private is not None:
+            optimizer = optimizer if optimizer is not None else private.optimizer
+            hooks = hooks if hooks is not None else private.hooks
+            self._private = self._private or private
+        bn = [n for n, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if bn:
             raise PrivacyConfigError(
                 f"model.net has BatchNorm layers {bn[:3]}: batch statistics mix rows, so per-sample clipping does not "
                 "bound one row's influence. Build the net with dp_compatible=True (privacy=dp does this)"
             )
-        errors = ModuleValidator.validate(model, strict=False)
+        errors = ModuleValidator.validate(net, strict=False)
         if errors:
             raise PrivacyConfigError(f"model.net: Opacus ModuleValidator rejects it: {errors[:3]}")
-        wrapped = isinstance(model, AbstractGradSampleModule) or (
+        wrapped = isinstance(net, AbstractGradSampleModule) or (
             isinstance(hooks, AbstractGradSampleHooks) and _hooked_module(hooks) is not None
-            and any(m is model for m in _hooked_module(hooks).modules())
+            and any(m is net for m in _hooked_module(hooks).modules())
         )
         if not wrapped:
             raise PrivacyConfigError(
                 "model.net is not wrapped for per-sample gradients (no GradSampleModule / GradSampleHooks on it): "
                 "gradients would not be clipped per row. Train it through DPAdScoreModule (privacy=dp)"
             )
-        if optimizer is not None and not isinstance(optimizer, DPOptimizer):
-            raise PrivacyConfigError(
-                f"model.optimizer is a plain {type(optimizer).__name__}, not an Opacus DPOptimizer: it would neither "
-                "clip nor noise. Train through DPAdScoreModule (privacy=dp)"
-            )
+        checks = ["no BatchNorm", "Opacus ModuleValidator", "per-sample gradient hooks"]
+        if optimizer is not None:
+            if not isinstance(optimizer, DPOptimizer):
+                raise PrivacyConfigError(
+                    f"model.optimizer is a plain {type(optimizer).__name__}, not an Opacus DPOptimizer: it would "
+                    "neither clip nor noise. Train through DPAdScoreModule (privacy=dp)"
+                )
+            checks.append("DPOptimizer")
+        out: dict[str, Any] = {"structure_checks": checks}
+        datasets = getattr(datamodule, "datasets", None)
+        if self.audit_results:
+            out.update(leakage_audit="reported", leakage_note="the empirical audit ran after fit (on_fit_end)")
+        elif module is not None and callable(getattr(module, "per_sample_loss", None)) and datasets is not None:
+            self.audit_results = self._leakage_audit(datasets, module)
+            out.update(leakage_audit="ran", leakage_note="empirical audit run now on the datamodule's train/test rows")
+        else:
+            out.update(leakage_audit="not run", leakage_note=(
+                "the leakage audit needs the trained LightningModule (per_sample_loss) and datamodule= with "
+                "'train' and 'test' datasets, or a fit with privacy.audit.enabled=true"))
+        out.update(self.audit_results)
+        return out
 
     def check_sampler(self, loader: Any, sample_rate: float) -> None:
         """The train loader must draw Poisson batches at exactly the accountant's rate q."""
@@ -188,13 +220,32 @@ class DPTrainingValidator(pl.Callback):
 
     # ---- budget -----------------------------------------------------------------------------
     def track_privacy_budget(self, steps: int) -> dict[str, Any]:
-        """Epsilon spent so far and after `steps` more steps at the run's (noise, q)."""
-        pt = self._require_private()
-        now = pt.epsilon(self.delta)
-        later = epsilon_of(with_steps(pt.history, pt.noise_multiplier, pt.sample_rate, steps), self.delta,
-                           pt.accountant)
-        return {"epsilon": now, "steps": pt.steps, "projected_epsilon": later, "projected_steps": pt.steps + steps,
+        """Epsilon spent so far and after `steps` more steps at the run's (noise, q).
+
+        During or after a run it reads the run's accountant; before one, the settings checked by
+        `validate_training_params` (nothing spent yet beyond their `history`)."""
+        if int(steps) < 0:
+            raise ValueError(f"DPTrainingValidator.track_privacy_budget: steps must be >= 0, got {steps}")
+        history, sigma, q, delta, accountant = self._budget_state()
+        now = epsilon_of(history, delta, accountant)
+        later = epsilon_of(with_steps(history, sigma, q, int(steps)), delta, accountant)
+        spent = sum(int(h[2]) for h in history)
+        return {"epsilon": now, "steps": spent, "projected_epsilon": later, "projected_steps": spent + int(steps),
                 "within_budget": self.epsilon is None or later <= float(self.epsilon) * (1 + 1e-9)}
+
+    def _budget_state(self) -> tuple[list, float, float, float, str]:
+        """(history, noise multiplier, q, delta, accountant) of the run, or of the validated settings."""
+        if self._private is not None:
+            pt = self._private
+            return pt.history, pt.noise_multiplier, pt.sample_rate, self.delta, pt.accountant
+        p = self.params
+        if not p:
+            raise PrivacyConfigError(
+                "DPTrainingValidator: no training run is attached and no settings were validated; train with "
+                "privacy=dp, or call validate_training_params({...}) first"
+            )
+        return list(p["history"]), float(p["noise_multiplier"]), float(p["sample_rate"]), float(p["delta"]), \
+            p["accountant"]
 
     def _require_private(self) -> Any:
         if self._private is None:
@@ -272,7 +323,9 @@ class DPTrainingValidator(pl.Callback):
     # ---- post-fit audit -------------------------------------------------------------------------
     def empirical_audit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """MIA AUC (train rows vs test rows) with a bootstrap CI, plus the one-run canary bound."""
-        datasets = getattr(trainer.datamodule, "datasets", None)
+        return self._leakage_audit(getattr(trainer.datamodule, "datasets", None), pl_module)
+
+    def _leakage_audit(self, datasets: Any, pl_module: pl.LightningModule) -> dict[str, Any]:
         if not isinstance(datasets, Mapping) or "train" not in datasets or "test" not in datasets:
             raise PrivacyConfigError("privacy.audit: the datamodule needs `datasets` with 'train' and 'test' splits; "
                                      "or set privacy.audit.enabled=false")
@@ -301,13 +354,42 @@ class DPTrainingValidator(pl.Callback):
 
     # ---- report -------------------------------------------------------------------------------
     def generate_privacy_report(self, report_dir: str | Path | None = None) -> dict[str, Any]:
-        """Write report/privacy.json (flat keys) and report/privacy.md; return the same dict."""
+        """Write report/privacy.json (flat keys) and report/privacy.md; return the same dict.
+
+        After (or during) a run: the guarantee spent, `status` 'trained'. Before one, after
+        `validate_training_params`: the guarantee the planned steps would give, `status` 'planned'."""
         import lightning
         import opacus
 
-        pt = self._require_private()
+        versions = {"version/opacus": opacus.__version__, "version/torch": torch.__version__,
+                    "version/lightning": lightning.__version__}
+        report = self._run_report() if self._private is not None else self._planned_report()
+        report.update(versions)
+        out = Path(report_dir) if report_dir else self.report_dir
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "privacy.json").write_text(json.dumps(report, indent=2, default=float))
+            (out / "privacy.md").write_text(_markdown(report))
+        return report
+
+    def _planned_report(self) -> dict[str, Any]:
+        history, sigma, q, delta, accountant = self._budget_state()
+        planned = with_steps(history, sigma, q, int(self.params.get("planned_steps") or 0))
+        eps = {m: epsilon_of(planned, delta, m) for m in ACCOUNTANTS}
+        return {
+            "status": "planned", "epsilon": eps[accountant], "delta": delta, "noise_multiplier": sigma,
+            "sample_rate": q, "steps": sum(int(h[2]) for h in planned), "accountant": accountant,
+            "max_grad_norm": self.params["max_grad_norm"], "target_epsilon": self.epsilon,
+            "epsilon_prv": eps["prv"], "epsilon_rdp": eps["rdp"], "history": [list(h) for h in planned],
+            "poisson_sampling": bool(self.params.get("poisson_sampling")), "n_train": self.params.get("n_train"),
+            **self.audit_results,
+        }
+
+    def _run_report(self) -> dict[str, Any]:
+        pt = self._private
         eps = {m: epsilon_of(pt.history, pt.delta, m) for m in ACCOUNTANTS}
-        report: dict[str, Any] = {
+        return {
+            "status": "trained",
             "epsilon": eps[pt.accountant], "delta": pt.delta, "noise_multiplier": pt.noise_multiplier,
             "sample_rate": pt.sample_rate, "steps": pt.steps, "accountant": pt.accountant,
             "max_grad_norm": pt.max_grad_norm, "target_epsilon": self.epsilon,
@@ -319,15 +401,7 @@ class DPTrainingValidator(pl.Callback):
             "stop_reason": self._stop_reason,
             "n_train": self.params.get("n_train"),
             **self.audit_results,
-            "version/opacus": opacus.__version__, "version/torch": torch.__version__,
-            "version/lightning": lightning.__version__,
         }
-        out = Path(report_dir) if report_dir else self.report_dir
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "privacy.json").write_text(json.dumps(report, indent=2, default=float))
-            (out / "privacy.md").write_text(_markdown(report))
-        return report
 
 
 def _hooked_module(hooks: Any) -> nn.Module | None:
@@ -349,10 +423,13 @@ def _losses(pl_module: pl.LightningModule, dataset: Any, idx: np.ndarray, chunk:
 
 
 def _markdown(r: Mapping[str, Any]) -> str:
+    planned = r.get("status") == "planned"
     lines = [
         "# Privacy report", "",
         f"DP-SGD (Opacus {r['version/opacus']}): ({r['epsilon']:.3f}, {r['delta']:.3g})-DP at the row level, "
-        f"{r['accountant'].upper()} accountant.", "",
+        f"{r['accountant'].upper()} accountant"
+        + (f", if training takes the planned {r['steps']} steps (no training run attached yet)." if planned else "."),
+        "",
         "| setting | value |", "| --- | --- |",
     ]
     for k in ("epsilon", "epsilon_prv", "epsilon_rdp", "target_epsilon", "delta", "noise_multiplier", "max_grad_norm",
@@ -361,8 +438,8 @@ def _markdown(r: Mapping[str, Any]) -> str:
     audit = {k: v for k, v in r.items() if k.startswith("audit/")}
     if audit:
         lines += ["", "## Empirical audit", "",
-                  "Loss-threshold membership inference (train rows vs test rows, bootstrap CI) and the one-run "
-                  "canary audit of Steinke, Nasr & Jagielski (2023). The lower bound must not exceed epsilon.", "",
+                  ("Loss-threshold membership inference (train rows vs test rows, bootstrap CI) and the one-run "
+                  "canary audit of Steinke, Nasr & Jagielski (2023). The lower bound must not exceed epsilon."), "",
                   "| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in audit.items()]
     return "\n".join(lines) + "\n"

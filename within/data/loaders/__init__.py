@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from within.data.loaders import advertising, avazu, criteo, csv_file, ipinyou, kag_conversion
+from within.data.loaders import advertising, avazu, criteo, csv_file, ipinyou, kag_conversion, telco
 
 LOADERS: dict[str, Callable[..., pd.DataFrame]] = {
     "ipinyou": ipinyou.load,
@@ -19,6 +19,7 @@ LOADERS: dict[str, Callable[..., pd.DataFrame]] = {
     "advertising": advertising.load,
     "kag_conversion": kag_conversion.load,
     "csv": csv_file.load,
+    "telco": telco.load,
 }
 
 __all__ = ["LOADERS"]

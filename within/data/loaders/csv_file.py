@@ -1,6 +1,6 @@
 """Your own CSV, checked against a features spec you write (see conf/features/csv.yaml).
 
-Every problem is reported as a ValueError that names the data row (1 = first row after the header),
+Every problem is reported as a FeatureError (one `error:` line from train.py) that names the data row (1 = first row after the header),
 its line in the file, the column and the fix, e.g.
 `row 17 (line 18), column 'budget': expected a number, got 'abc'`.
 Checks: header has every spec column, each row has as many fields as the header, numeric columns
@@ -139,8 +139,8 @@ def load(
     if unused:
         log.info("csv: %s: ignoring columns not in the spec: %s", path, unused)
 
-    def fail(i: int, col: str, msg: str) -> ValueError:
-        return ValueError(f"csv: {path} row {i + 1} (line {lines[i]}), column '{col}': {msg}")
+    def fail(i: int, col: str, msg: str) -> FeatureError:
+        return FeatureError(f"csv: {path} row {i + 1} (line {lines[i]}), column '{col}': {msg}")
 
     def numbers(col: str, required: bool) -> pd.Series:
         num = pd.to_numeric(raw[col], errors="coerce")  # tolerates surrounding spaces

@@ -1,7 +1,7 @@
-"""Python entry to the training pipeline: what `AdScorePredictor(...).fit(df)` runs.
+"""Training from Python on a DataFrame: what `AdScorePredictor(...).fit(df)` runs.
 
 It composes the same Hydra config as `train.py` (conf/train.yaml plus overrides), swaps in the
-caller's DataFrame and feature spec, runs `run_train`, and loads the bundle it wrote.
+caller's rows and feature spec, and runs `run_train`; the caller loads the bundle it wrote.
 """
 from __future__ import annotations
 
@@ -12,37 +12,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from within.features.spec import FeatureError, FeatureSpec
+from within.pipeline.compose import CONF_DIR, compose_config
+from within.pipeline.train import run_train
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 SEED_KEYS = {
     "numerical_features": "numeric", "numeric_features": "numeric", "categorical_features": "categorical",
     "text_features": "text", "image_features": "image", "group_features": "group",
 }
-
-
-def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None = None,
-                   data_dir: str | Path | None = None, config_name: str = "train") -> Any:
-    """conf/<config_name>.yaml plus `overrides`, composed as `train.py` would (HydraConfig set), for
-    running `run_train` from Python (benchmarks, notebooks). `output_dir` becomes the run directory."""
-    import within.pipeline  # noqa: F401  (registers resolvers)
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(CONF_DIR.parent)
-        if data_dir is not None:
-            cfg.paths.data_dir = str(data_dir)
-        if output_dir is not None:
-            cfg.paths.output_dir = cfg.paths.log_dir = str(output_dir)
-    return cfg
 
 
 def spec_from_feature_config(feature_config: Mapping[str, Any], df: pd.DataFrame, label: str) -> FeatureSpec:
@@ -68,24 +47,15 @@ def spec_from_feature_config(feature_config: Mapping[str, Any], df: pd.DataFrame
     return FeatureSpec.from_config({"label": label, "fields": fields})
 
 
-def fit_predictor(
-    X: pd.DataFrame,
-    y: Sequence[float] | np.ndarray | None = None,
-    processor_spec: FeatureSpec | None = None,
-    feature_config: Mapping[str, Any] | None = None,
-    label: str = "clicked",
-    overrides: Sequence[str] = (),
-    output_dir: str | Path | None = None,
-) -> Any:
-    from within.models.predictor import AdScorePredictor
-    from within.pipeline.train import run_train
-
+def training_frame(X: Any, y: Any, label: str) -> pd.DataFrame:
     if not isinstance(X, pd.DataFrame):
         raise FeatureError(f"fit: expected a pandas DataFrame, got {type(X).__name__}")
-    df = X if y is None else X.assign(**{label: np.asarray(y)})
-    if processor_spec is None and feature_config is None:
-        raise FeatureError("fit: pass feature_config={...} (or a FeatureSpec) to say which columns are features")
-    spec = processor_spec or spec_from_feature_config(feature_config, df, label)
+    return X if y is None else X.assign(**{label: np.asarray(y)})
+
+
+def fit_frame(df: pd.DataFrame, spec: FeatureSpec, overrides: Sequence[str] = (),
+              output_dir: str | Path | None = None) -> Path:
+    """Train on `df` through `run_train` (train.py's config + `overrides`); returns the run directory."""
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out = Path(output_dir) if output_dir else CONF_DIR.parent / "outputs" / "fit" / "runs" / stamp
     cfg = compose_config(overrides, output_dir=out)
@@ -96,4 +66,4 @@ def fit_predictor(
         if not spec.time:
             cfg.data.split.method = "random"
     run_train(cfg, source=df)
-    return AdScorePredictor.load(out / "bundle")
+    return out

@@ -1,0 +1,123 @@
+"""OnnxScorer: ONNX Runtime + the bundle's calibration gives model.predict(frame) to 1e-6, from records."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_serve_bundle import frame, tiny_bundle
+from within.calibration import PlattScaling, SplineCalibrator, TemperatureScaling
+from within.features.records import RecordEncoder
+from within.features.spec import FeatureError
+from within.models.onnx_scorer import OnnxScorer, affine_of, find_graph
+from within.postfit.export import export_onnx_bytes
+from within.serve.loading import load_model
+
+ATOL = 1e-6
+
+
+def _graph(model) -> bytes:
+    arrays = RecordEncoder(model.processor).encode(RecordEncoder(model.processor).example_records(16))
+    data, info = export_onnx_bytes(model, arrays)
+    assert info["output"] == "logit" and info["max_abs_diff"] < 1e-5
+    return data
+
+
+def assert_agrees(scorer: OnnxScorer, model, df) -> None:
+    """Scores and intervals of the scorer on df's records equal the model's on df."""
+    records = df.to_dict("records")
+    np.testing.assert_allclose(scorer.predict(records), model.predict(df), atol=ATOL, rtol=0)
+    for want, got in zip(model.predict_with_intervals(df), scorer.predict_with_intervals(records)):
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def multimodal(tmp_path_factory):
+    """Text + image + tabular network, spline calibration (not foldable: the graph gives logits)."""
+    out = tmp_path_factory.mktemp("multimodal")
+    model = load_model(tiny_bundle(out, calibrator="spline"))
+    graph = _graph(model)
+    return model, OnnxScorer.from_model(model, graph=graph), graph
+
+
+def test_matches_model_predict_on_the_same_rows(multimodal):
+    model, scorer, _ = multimodal
+    df = frame(300)
+    records = df.to_dict("records")
+    want = model.predict(df)
+    assert scorer.output == "logit"
+    np.testing.assert_allclose(scorer.predict(records), want, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(scorer.predict(df), want, atol=ATOL, rtol=0)
+    columns = {name: df[name].tolist() for name in df.columns}
+    np.testing.assert_allclose(scorer.predict_columns(columns), want, atol=ATOL, rtol=0)
+    one = scorer.predict(records[0])
+    assert isinstance(one, float) and abs(one - want[0]) < ATOL
+
+
+def test_intervals_match_model(multimodal):
+    model, scorer, _ = multimodal
+    df = frame(120, seed=5)
+    for alpha in (0.05, 0.3):
+        p, lo, hi = model.predict_with_intervals(df, alpha=alpha)
+        q, qlo, qhi = scorer.predict_with_intervals(df.to_dict("records"), alpha=alpha)
+        for a, b in ((p, q), (lo, qlo), (hi, qhi)):
+            np.testing.assert_allclose(b, a, atol=ATOL, rtol=0)
+        assert np.all(qlo <= q) and np.all(q <= qhi)
+    single = scorer.predict_with_intervals(df.iloc[0].to_dict())
+    assert all(isinstance(v, float) for v in single)
+
+
+def test_errors_name_the_field_or_the_fix(multimodal):
+    model, scorer, graph = multimodal
+    record = frame(1).iloc[0].to_dict()
+    with pytest.raises(FeatureError, match="field 'budget': expected a number, got str"):
+        scorer.predict(dict(record, budget="lots"))
+    with pytest.raises(ValueError, match="alpha must be in \\(0, 1\\)"):
+        scorer.predict_with_intervals(record, alpha=1.5)
+    bare = OnnxScorer([graph], scorer.encoder, calibrator=model.calibrator)
+    with pytest.raises(RuntimeError, match="no intervals; train with the post-fit step `intervals`"):
+        bare.predict_with_intervals(record)
+
+
+@pytest.fixture(scope="module")
+def tabular(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tabular_scorer")
+    tiny_bundle(out, text=False, image=False, calibrator="temperature", onnx=True)
+    return out / "bundle"
+
+
+def test_bundle_graph_with_folded_temperature(tabular):
+    model = load_model(tabular)
+    assert find_graph(tabular) == tabular.parent / "export" / "model.onnx"
+    scorer = OnnxScorer.from_model(model, bundle=tabular)
+    assert scorer.output == "probability"
+    assert_agrees(scorer, model, frame(200, seed=4))
+
+
+def test_no_graph_says_how_to_get_one(tmp_path):
+    model = load_model(tiny_bundle(tmp_path, n=600, text=False, image=False))
+    with pytest.raises(FileNotFoundError, match="train with the post-fit step `export`, or pass graph="):
+        OnnxScorer.from_model(model, bundle=tmp_path / "bundle")
+
+
+@pytest.mark.slow
+def test_ensemble_with_member_spread_needs_member_graphs(tmp_path):
+    model = load_model(tiny_bundle(tmp_path, n=800, text=False, image=False, members=2))
+    assert model.intervals.uses_members_
+    graphs = [_graph(m) for m in model.base_models]
+    with pytest.raises(ValueError, match="one logit graph per member"):
+        OnnxScorer.from_model(model, graph=graphs[0])
+    assert_agrees(OnnxScorer.from_model(model, member_graphs=graphs), model, frame(150, seed=8))
+
+
+def test_affine_of_reads_the_calibrators_own_map():
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=500)
+    y = (rng.random(500) < 1 / (1 + np.exp(-s))).astype(float)
+    t = TemperatureScaling().fit(s, y)
+    assert affine_of(t) == pytest.approx((1 / t.temperature_, t.bias_))
+    p = PlattScaling().fit(s, y)
+    assert affine_of(p) == pytest.approx((p.slope_, p.bias_))
+    assert affine_of(SplineCalibrator().fit(s, y)) is None
+    assert affine_of(None) is None

@@ -1,0 +1,72 @@
+"""Loggers and callbacks from the config groups `logger:` and `callbacks:`.
+
+W&B: a resumed run reuses the run id saved beside the checkpoint's run (`wandb_run_id.txt`), so its
+curves continue in one W&B run; every run ends with `wandb.finish()`, so one crashed job in a sweep
+does not hang the next. With `logger=none`, callbacks that need a logger are dropped with a notice.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import string
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+log = logging.getLogger(__name__)
+WANDB_ID_FILE = "wandb_run_id.txt"
+# Lightning callbacks that refuse to run without a logger
+NEEDS_LOGGER = ("LearningRateMonitor", "DeviceStatsMonitor")
+
+
+def instantiate_group(node: DictConfig | None) -> list[Any]:
+    if not node:
+        return []
+    return [instantiate(sub) for sub in node.values() if isinstance(sub, DictConfig) and "_target_" in sub]
+
+
+def wandb_run_id(ckpt_path: str | None, out_dir: Path) -> str:
+    """The W&B run id of the run being resumed, or of this run directory, or a new one."""
+    if ckpt_path:
+        saved = Path(ckpt_path).resolve().parents[1] / WANDB_ID_FILE
+        if saved.is_file():
+            return saved.read_text().strip()
+    saved = out_dir / WANDB_ID_FILE
+    if saved.is_file():
+        return saved.read_text().strip()
+    # W&B's own id shape (8 lowercase letters and digits); SystemRandom leaves the seeded RNGs alone
+    return "".join(random.SystemRandom().choices(string.ascii_lowercase + string.digits, k=8))
+
+
+def build_loggers(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> list[Any]:
+    if cfg.get("logger") and "wandb" in cfg.logger:
+        run_id = wandb_run_id(ckpt_path, out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / WANDB_ID_FILE).write_text(run_id)
+        with open_dict(cfg):
+            cfg.logger.wandb.id = run_id
+            cfg.logger.wandb.resume = "allow"
+    return instantiate_group(cfg.get("logger"))
+
+
+def build_callbacks(cfg: DictConfig, has_logger: bool) -> list[Any]:
+    """The `callbacks:` group; without a logger, those that need one are left out (and said so)."""
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    if has_logger:
+        return callbacks
+    dropped = [type(c).__name__ for c in callbacks if type(c).__name__ in NEEDS_LOGGER]
+    if dropped:
+        log.info("no logger (logger=none): callbacks %s need one and are left out", ", ".join(dropped))
+    return [c for c in callbacks if type(c).__name__ not in NEEDS_LOGGER]
+
+
+def close_loggers(loggers: list[Any]) -> None:
+    """Flush every logger and always finish the W&B run."""
+    for lg in loggers:
+        lg.save()
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish()
