@@ -13,7 +13,8 @@ from within.calibration.metrics import binary_report
 from within.features.spec import FeatureError
 from within.models.base import BaseMLModel
 from within.models.linear import DynamicLinear, HashingFeaturizer
-from within.pipeline.linear import load_splits, main, update_bundle
+from within.pipeline.data import build_datamodule
+from within.pipeline.recipes.linear import main, update_bundle
 from within.pipeline.train import run_train
 
 LINEAR_FAST = ["model=linear", "data.source.n=6000", "extras.print_config=false", "model.linear.epochs=2"]
@@ -24,8 +25,7 @@ def linear_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("linear_run")
     cfg = compose_cfg("train", LINEAR_FAST, out_dir=out)
     run_train(cfg)
-    _, frames = load_splits(cfg, None)
-    return out, frames
+    return out, build_datamodule(cfg).split()
 
 
 def test_train_py_model_linear_writes_report_and_bundle(linear_run):
@@ -37,7 +37,9 @@ def test_train_py_model_linear_writes_report_and_bundle(linear_run):
     assert metrics["test/auc"] > 0.52  # it learned something on 3.6k rows
     for name in ("reliability.png", "report.md", "training_curve.png"):
         assert (out / "report" / name).is_file(), name
-    assert "DynamicLinear" in (out / "report" / "report.md").read_text()
+    report = (out / "report" / "report.md").read_text()
+    assert "DynamicLinear" in report
+    assert "| `quantize` | skipped |" in report and "no network to quantize" in report
     rows = pd.read_csv(out / "csv" / "metrics.csv")
     assert rows["val/auc"].notna().sum() == 2  # one val score per pass
 
