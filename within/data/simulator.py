@@ -658,6 +658,98 @@ class AdMarketSimulator:
                         pl, dev, age, gen, hour, dow)
         return self.b0 + out["eta"] + self._drift(acc, state, seconds)
 
+    def performance_series(self, **knobs: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The world's daily performance series with labelled injected anomalies (series, anomalies);
+        see within/data/performance.py for the formula and the knobs."""
+        from within.data.performance import generate_performance  # it builds on this module
+
+        return generate_performance(self, **knobs)
+
+    def true_logit_terms(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Each term of the true logit per row (columns below); the columns sum to ``true_logit(df)``.
+
+        ``intercept`` (b0), ``account``, ``campaign``, ``state``, ``city``, ``population_density``,
+        ``headline``, ``description``, ``main_image``, ``bid``, ``placement``, ``device``, ``age_band``,
+        ``gender``, ``hour``, ``day_of_week``, ``device_x_placement``, ``age_x_topic``,
+        ``warmth_x_placement``, ``drift_account``, ``drift_state``.
+
+        ``frame.attrs["fields"]`` maps each term to the columns it reads, so a term can be
+        recomputed on rows whose columns come from different impressions (e.g. one row's device
+        with another's placement). Unlike ``true_logit``, hour and day of week are read from the
+        ``hour`` and ``day_of_week`` columns (the timestamp only decides drift); on simulated
+        rows the two agree.
+        """
+        need = [c for c in COLUMNS if c not in ("true_ctr", "clicked")]
+        missing = [c for c in need if c not in df.columns]
+        if missing:
+            raise ValueError(f"true_logit_terms: missing columns {missing}")
+
+        def codes(col: str, values: Sequence[str]) -> np.ndarray:
+            idx = pd.Index(list(values)).get_indexer(df[col].astype(object))
+            if (idx < 0).any():
+                raise ValueError(f"true_logit_terms: {col}={df[col].iloc[int(np.argmax(idx < 0))]!r} is not in this world")
+            return idx
+
+        def per_unique(col: str, key: Any, fn: Any) -> tuple:
+            """fn over the distinct values of a column, broadcast back to rows."""
+            inverse, _ = pd.factorize(key)
+            first = np.unique(inverse, return_index=True)[1]
+            return tuple(np.asarray(part)[inverse] for part in fn(df[col].to_numpy(dtype=object)[first]))
+
+        k = self.knobs
+        me, ss, ix = k["main_effect_scale"], k["seasonality_scale"], k["interaction_scale"]
+        acc, cmp = codes("account_id", self.account_ids), codes("campaign_id", self.campaign_ids)
+        state, city = codes("state", self.state_names), codes("city", self.city_names)
+        pl, dev = codes("placement", PLACEMENTS), codes("device", DEVICES)
+        age, gen = codes("age_band", AGE_BANDS), codes("gender", GENDERS)
+        hour = df["hour"].to_numpy(dtype=np.int64)
+        dow = df["day_of_week"].to_numpy(dtype=np.int64)
+        h_eff, h_top, h_n = per_unique("headline", df["headline"], self._text_terms)
+        d_eff, d_top, d_n = per_unique("description", df["description"], self._text_terms)
+        images = df["main_image"].to_numpy(dtype=object)
+        warmth, bright, sal = per_unique("main_image", np.fromiter(map(id, images), np.int64, len(images)),
+                                         lambda imgs: image_stats(np.stack([np.asarray(x, np.uint8) for x in imgs])))
+        share = (h_top + d_top) / (h_n + d_n)[:, None]
+        z = (np.log(df["population_density"].to_numpy(np.float64)) - self.log_density_mean) / self.log_density_sd
+        ts = df["timestamp"].to_numpy(dtype="datetime64[ns]").astype(np.int64)
+        late = (ts - self.start.value) // 1_000_000_000 >= self.drift_start_s
+        n = len(df)
+        terms = {
+            "intercept": np.full(n, self.b0),
+            "account": self.account_effect[acc],
+            "campaign": self.campaign_effect[cmp],
+            "state": self.state_effect[state],
+            "city": self.city_effect[city],
+            "population_density": k["density_coef"] * z,
+            "headline": k["text_scale"] * h_eff,
+            "description": k["text_scale"] * d_eff,
+            "main_image": k["image_scale"] * (K_WARM * warmth - K_BRIGHT * (bright - 0.5) ** 2 + K_SAL * sal),
+            "bid": k["bid_coef"] * np.log(df["bid"].to_numpy(np.float64)),
+            "placement": me * np.take(PLACEMENT_EFFECT, pl),
+            "device": me * np.take(DEVICE_EFFECT, dev),
+            "age_band": me * np.take(AGE_EFFECT, age),
+            "gender": me * np.take(GENDER_EFFECT, gen),
+            "hour": ss * self.hour_table[hour],
+            "day_of_week": ss * self.dow_table[dow],
+            "device_x_placement": ix * np.asarray(DEVICE_X_PLACEMENT)[dev, pl],
+            "age_x_topic": ix * np.einsum("nk,nk->n", share, self.age_x_topic[age]),
+            "warmth_x_placement": ix * warmth / WARMTH_UNIT * np.take(WARMTH_X_PLACEMENT, pl),
+            "drift_account": np.where(late, self.drift_account[acc], 0.0),
+            "drift_state": np.where(late, self.drift_state[state], 0.0),
+        }
+        out = pd.DataFrame(terms, index=df.index)
+        singles = ("population_density", "headline", "description", "main_image", "bid", "placement", "device",
+                   "age_band", "gender", "hour", "day_of_week")
+        out.attrs["fields"] = {
+            "intercept": [], "account": ["account_id"], "campaign": ["campaign_id"], "state": ["state"],
+            "city": ["city"], **{t: [t] for t in singles},
+            "device_x_placement": ["device", "placement"],
+            "age_x_topic": ["age_band", "headline", "description"],
+            "warmth_x_placement": ["main_image", "placement"],
+            "drift_account": ["account_id", "timestamp"], "drift_state": ["state", "timestamp"],
+        }
+        return out
+
     def world_summary(self) -> dict[str, Any]:
         """Sizes, effect tables and the spread of each logit term (JSON-serialisable)."""
         t = self._pilot_terms
