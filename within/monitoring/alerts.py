@@ -1,7 +1,7 @@
 """Alerts: one record type, pluggable sinks, and a router that de-duplicates.
 
 AnomalyDetector and PerformanceMonitor raise `Alert`s through an `AlertRouter`; each sink delivers
-them somewhere (the log, a JSON-lines file, a webhook). An alert's `key` says what it is about
+them somewhere (`LogSink`: the log, `JsonlSink`: a JSON-lines file, `WebhookSink`: an HTTP POST). An alert's `key` says what it is about
 (source + kind + subject); the router drops a repeat of a key inside `dedupe_seconds`, so a
 detector that fires on every batch of a lasting problem does not page anyone twice.
 """
@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 log = logging.getLogger(__name__)
 SEVERITIES = ("info", "warning", "critical")
@@ -68,7 +68,7 @@ class AlertSink(Protocol):
 class LogSink:
     """Alerts as log records: critical -> ERROR, warning -> WARNING, info -> INFO."""
 
-    LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "critical": logging.ERROR}
+    LEVELS: ClassVar[dict[str, int]] = {"info": logging.INFO, "warning": logging.WARNING, "critical": logging.ERROR}
 
     def __init__(self, logger: str = "within.alerts") -> None:
         self.logger = logging.getLogger(logger)
@@ -95,6 +95,61 @@ class JsonlSink:
         if not self.path.is_file():
             return []
         return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class WebhookSink:
+    """POSTs each alert's JSON to `url` with its id in an `Idempotency-Key` header.
+
+    Connection errors, timeouts, 429 and 5xx are retried up to `retries` times, waiting
+    backoff * 2**attempt seconds between tries; another 4xx is the receiver saying no, and is not
+    retried. After the last try the failure is logged, never raised: a monitor must not die because
+    a pager is down. A retried POST carries the same key, so a receiver that saw the first one
+    (and failed to answer) can drop the repeat. Uses the stdlib (urllib), blocking the caller for
+    at most (retries + 1) * timeout plus the backoff.
+    """
+
+    RETRY_STATUS: ClassVar[frozenset[int]] = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+    def __init__(self, url: str, timeout: float = 5.0, retries: int = 3, backoff: float = 0.5,
+                 headers: Mapping[str, str] | None = None) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"WebhookSink.url: must start with http:// or https://, got {url!r}")
+        if not timeout > 0:
+            raise ValueError(f"WebhookSink.timeout: must be > 0 seconds, got {timeout!r}")
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"WebhookSink.retries: must be an int >= 0, got {retries!r}")
+        if not backoff >= 0:
+            raise ValueError(f"WebhookSink.backoff: must be >= 0 seconds, got {backoff!r}")
+        self.url, self.timeout, self.retries, self.backoff = url, float(timeout), retries, float(backoff)
+        self.headers = dict(headers or {})
+        self.delivered = 0
+        self.failed = 0
+
+    def send(self, alert: Alert) -> None:
+        import urllib.error
+        import urllib.request
+
+        body = json.dumps(alert.to_dict(), default=str).encode("utf-8")
+        headers = {"Content-Type": "application/json", "Idempotency-Key": alert.id, **self.headers}
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    resp.read()
+                self.delivered += 1
+                return
+            except urllib.error.HTTPError as err:
+                last = f"HTTP {err.code}"
+                if err.code not in self.RETRY_STATUS:
+                    break
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
+                last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+        self.failed += 1
+        log.error("webhook %s: alert %s (%s) not delivered after %d attempt(s): %s", self.url, alert.id, alert.key,
+                  attempt + 1, last)
 
 
 class AlertRouter:
@@ -138,4 +193,4 @@ class AlertRouter:
         return True
 
 
-__all__ = ["SEVERITIES", "Alert", "AlertRouter", "AlertSink", "JsonlSink", "LogSink"]
+__all__ = ["SEVERITIES", "Alert", "AlertRouter", "AlertSink", "JsonlSink", "LogSink", "WebhookSink"]
