@@ -1,50 +1,42 @@
 """Training-dynamics ablation: does QuantumNoiseLayer noise, its annealing schedule, or
 AdaptiveDropout change val/test quality of AdPredictorNN on the default simulator?
 
-Each config is a full `run_train` (same composition as tests/conftest.py's compose_cfg) on the
-default simulator with a reduced size (`--n` rows, `--epochs` epochs, so the whole grid fits a
-small CPU budget), for each seed in `--seeds`. The seed moves the world, the rows and the model init
-together. Post-fit steps are skipped; val metrics are the best-checkpoint epoch's (min val/logloss,
-read from the CSV logger), test AUC is the raw model (no calibrator) on the test split.
+Each config is a full `run_train` (benchmarks.common.train) on the default simulator with a reduced
+size (`--n` rows, `--epochs` epochs, so the whole grid fits a small CPU budget), for each seed in
+`--seeds`. The seed moves the world, the rows and the model init together. Post-fit steps are
+skipped; val metrics are the best-checkpoint epoch's (min val/logloss, read from the CSV logger),
+test AUC is the raw model (no calibrator) on the test split.
 
-Results are appended to benchmarks/results/ablation_dynamics.json after every run, so a cut-short
-run still records exactly what finished. `--table` prints the README table from the JSON.
+Writes benchmarks/results/ablation_dynamics.json after every run, so a cut-short run still records
+exactly what finished. `--table` prints the README table from the JSON.
 
-    python benchmarks/ablation_dynamics.py                       # full grid, 3 seeds
-    python benchmarks/ablation_dynamics.py --configs off phase_cosine --seeds 7
-    python benchmarks/ablation_dynamics.py --table
+    python -m benchmarks.ablation_dynamics                       # full grid, 3 seeds
+    python -m benchmarks.ablation_dynamics --configs off phase_cosine --seeds 7
+    python -m benchmarks.ablation_dynamics --table
+    python -m benchmarks.ablation_dynamics --n 3000 --epochs 1 --seeds 7 8 --configs off adaptive_dropout \
+        --results-dir /tmp/ablation                              # a trial run
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import platform
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "benchmarks" / "results" / "ablation_dynamics.json"
+from benchmarks.common import machine, parser, read_json, train, write_json
+
+NAME = "ablation_dynamics"
 ADAPTIVE = "model.net.adaptive_dropout={p:0.1,momentum:0.9,window_size:5,adaptive_range:[0.0,0.5]}"
-NOISE = ["model.enable_quantum_noise=true"]
+NOISE = ["model.net.enable_quantum_noise=true"]
 CONFIGS: dict[str, list[str]] = {
-    "off": ["model.enable_quantum_noise=false"],
+    "off": ["model.net.enable_quantum_noise=false"],
     "gaussian_cosine": [*NOISE, "model.net.noise.noise_type=gaussian", "model.net.noise.annealing_schedule=cosine"],
     **{f"phase_{s}": [*NOISE, "model.net.noise.noise_type=phase", f"model.net.noise.annealing_schedule={s}"]
        for s in ("cosine", "constant", "linear", "exponential")},
-    "adaptive_dropout": ["model.enable_quantum_noise=false", ADAPTIVE],
+    "adaptive_dropout": ["model.net.enable_quantum_noise=false", ADAPTIVE],
 }
 BASELINE = "off"
-
-
-def compose(overrides: list[str], out_dir: Path):
-    from within.pipeline.api import compose_config
-
-    return compose_config(overrides, output_dir=out_dir)
 
 
 def best_val(run_dir: Path) -> dict[str, float]:
@@ -59,21 +51,11 @@ def best_val(run_dir: Path) -> dict[str, float]:
 
 
 def run_one(name: str, seed: int, n: int, epochs: int, batch_size: int) -> dict:
-    from within.pipeline.train import run_train
-
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        cfg = compose([f"seed={seed}", f"data.source.n={n}", f"trainer.max_epochs={epochs}", f"data.batch_size={batch_size}", "trainer=cpu",
-                       "extras.print_config=false", "postfit=[]", "calibrator=none", "logger=csv",
-                       "callbacks.rich_progress_bar=null", "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-                       *CONFIGS[name]], out)
-        t0 = time.perf_counter()
-        run_train(cfg)
-        seconds = time.perf_counter() - t0
-        metrics = json.loads((out / "report" / "metrics.json").read_text())
-        row = {"config": name, "seed": seed, **best_val(out), "test/auc": metrics["test/auc"],
-               "test/logloss": metrics["test/logloss"], "seconds": round(seconds, 1)}
-    return row
+        run = train([f"seed={seed}", f"data.source.n={n}", f"trainer.max_epochs={epochs}", f"data.batch_size={batch_size}",
+                     "trainer=cpu", "postfit=[]", "calibrator=none", "logger=csv", *CONFIGS[name]], Path(tmp))
+        return {"config": name, "seed": seed, **best_val(run.out_dir), "test/auc": run.metrics["test/auc"],
+                "test/logloss": run.metrics["test/logloss"], "seconds": round(run.seconds, 1)}
 
 
 def summarise(runs: list[dict]) -> dict[str, dict]:
@@ -120,7 +102,7 @@ def table(result: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--n", type=int, default=150_000)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=1024)
@@ -129,8 +111,11 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="keep finished runs of a JSON with the same settings")
     ap.add_argument("--table", action="store_true", help="print the README table from the JSON and exit")
     args = ap.parse_args()
+    old = read_json(NAME, args.results_dir)
     if args.table:
-        print(table(json.loads(OUT.read_text())))
+        if old is None:
+            raise SystemExit(f"--table: no {NAME}.json in {args.results_dir}; run the benchmark first")
+        print(table(old))
         return
     import torch
 
@@ -143,15 +128,12 @@ def main() -> None:
                      "data.batch_size": args.batch_size, "seeds": args.seeds,
                      "configs": {k: CONFIGS[k] for k in args.configs}, "trainer": "cpu", "postfit": [],
                      "calibrator": "none"},
-        "machine": {"platform": platform.platform(), "python": sys.version.split()[0]},
+        "machine": machine(),
         "complete": False,
         "runs": [],
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    if args.resume and OUT.is_file():
-        old = json.loads(OUT.read_text())
-        if old["settings"] == result["settings"]:
-            result["runs"] = old["runs"]
+    if args.resume and old is not None and old["settings"] == result["settings"]:
+        result["runs"] = old["runs"]
     done = {(r["config"], r["seed"]) for r in result["runs"]}
     for seed in args.seeds:  # seed-major: a cut-short run still has paired configs per seed
         for name in args.configs:
@@ -159,10 +141,10 @@ def main() -> None:
                 continue
             result["runs"].append(run_one(name, seed, args.n, args.epochs, args.batch_size))
             result["summary"] = summarise(result["runs"])
-            OUT.write_text(json.dumps(result, indent=2))
-            print(json.dumps(result["runs"][-1]), flush=True)
-    result["complete"] = True
-    OUT.write_text(json.dumps(result, indent=2))
+            write_json(NAME, result, args.results_dir)
+            print(result["runs"][-1], flush=True)
+    result["summary"], result["complete"] = summarise(result["runs"]), True
+    print(f"wrote {write_json(NAME, result, args.results_dir)}")
     print(table(result))
 
 

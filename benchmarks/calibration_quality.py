@@ -13,14 +13,18 @@
 4. Spline vs isotonic held-out ECE on iPinYou and KAG conversions (skipped when ../shared/data lacks
    them), at 15 bins and at a bin count with >= 10 test clicks per bin, with a paired bootstrap.
 
-Every model is trained through run_train; calibrators are fitted on the calib split and scored on test.
-Run: python benchmarks/calibration_quality.py [--rows N] [--epochs E] [--sections simulator,intervals,drift,real]
+Every model is trained through run_train (benchmarks.common.train); calibrators are fitted on the
+calib split and scored on test. The JSON is written after each section; sections not run keep their
+stored results.
+
+    python -m benchmarks.calibration_quality                            # every section (hours on a CPU)
+    python -m benchmarks.calibration_quality --sections real            # iPinYou / KAG only
+    python -m benchmarks.calibration_quality --rows 6000 --drift-rows 6000 --interval-runs 6000:11 \
+        --epochs 1 --results-dir /tmp/cq                                # a trial run
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -29,32 +33,25 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from tests.conftest import DATA_DIR, compose_cfg
+from benchmarks.common import DATA_DIR, ROOT, parser, read_json, train, write_json
 from within.calibration import make_calibrator
 from within.calibration.intervals import coverage
 from within.calibration.metrics import REPORT_MIN_CLICKS, auc, ece, ece_true, field_rce, logloss
-from within.models.predictor import AdScorePredictor
-from within.pipeline.train import build_datamodule, run_train
 
-QUIET = ["extras.print_config=false", "logger=none", "callbacks.rich_progress_bar=null", "callbacks.lr_monitor=null"]
+NAME = "calibration_quality"
 
 
-def train(out: Path, overrides: list[str]) -> tuple[AdScorePredictor, dict, dict]:
-    cfg = compose_cfg("train", QUIET + overrides, out_dir=out)
-    run_train(cfg)
-    dm = build_datamodule(cfg)
-    dm.setup("fit")
-    return AdScorePredictor.load(out / "bundle"), dm.frames, json.loads((out / "report" / "metrics.json").read_text())
+def configured_calibrator(name: str):
+    """A fresh calibrator as `calibrator=<name>` configures it (conf/calibrator/<name>.yaml)."""
+    return instantiate(OmegaConf.load(ROOT / "conf" / "calibrator" / f"{name}.yaml"), _convert_="all")
 
 
 def simulator_spline(tmp: Path, rows: int, epochs: int) -> dict:
-    predictor, frames, m = train(tmp / "spline", [
+    run = train([
         f"data.source.n={rows}", f"trainer.max_epochs={epochs}", "calibrator=spline",
         "postfit=[calibrate,intervals,quantize,export]", "quantize.repeats=21",
-    ])
-    test = frames["test"]
+    ], tmp / "spline")
+    predictor, m, test = run.model, run.metrics, run.frames()["test"]
     raw = 1 / (1 + np.exp(-predictor.predict_logits(test)))
     p = predictor.predict(test)
     y, truth = test["clicked"].to_numpy(float), test["true_ctr"].to_numpy(float)
@@ -67,8 +64,8 @@ def simulator_spline(tmp: Path, rows: int, epochs: int) -> dict:
         "quantize_auc_delta": m.get("quantize/auc_delta"), "quantize_logloss_delta": m.get("quantize/logloss_delta"),
         "quantize_speedup_b1024": m.get("quantize/speedup_b1024"), "onnx_max_abs_diff": m.get("export/onnx_max_abs_diff"),
     }
-    out.update(interval_diagnostics(predictor, test, m))
-    qinfo = tmp / "spline" / "export" / "quantize.json"
+    out.update(interval_diagnostics(predictor, test))
+    qinfo = run.out_dir / "export" / "quantize.json"
     if qinfo.is_file():
         q = json.loads(qinfo.read_text())
         out["quantize_timing"] = {k: q.get(k) for k in ("backend", "fp32_ms", "int8_ms", "timing", "time_breakdown_ms")}
@@ -82,7 +79,7 @@ def simulator_spline(tmp: Path, rows: int, epochs: int) -> dict:
     return out
 
 
-def interval_diagnostics(predictor, test, metrics: dict) -> dict:
+def interval_diagnostics(predictor, test) -> dict:
     """What the interval model estimated against what the simulator knows: tau^2 (variance of the
     true logit around a + b s) vs the same variance measured with true_ctr on the test rows."""
     pi = predictor.intervals
@@ -102,17 +99,18 @@ def interval_validation(tmp: Path, runs: list[tuple[int, int]], epochs: int) -> 
     """Coverage of true_ctr by the alpha = 0.1 intervals on other world seeds and sizes."""
     out = []
     for rows, seed in runs:
-        predictor, frames, m = train(tmp / f"iv_{rows}_{seed}", [
+        run = train([
             f"data.source.n={rows}", f"seed={seed}", f"trainer.max_epochs={epochs}", "calibrator=spline",
             "postfit=[calibrate,intervals,export]", "export.onnx=false",
-        ])
+        ], tmp / f"iv_{rows}_{seed}")
+        predictor, m, frames = run.model, run.metrics, run.frames()
         test = frames["test"]
         res = {"rows": rows, "seed": seed, "rows_calib": len(frames["calib"]),
                "coverage_true_alpha0.1": m.get("test/interval_coverage_true"),
                "mean_width": m.get("test/interval_width")}
         _, lo, hi = predictor.predict_with_intervals(test, alpha=0.05)
         res["coverage_true_alpha0.05"] = coverage(lo, hi, test["true_ctr"].to_numpy(float))
-        res.update(interval_diagnostics(predictor, test, m))
+        res.update(interval_diagnostics(predictor, test))
         cov = res["coverage_true_alpha0.1"]
         res["accept_coverage_in_[0.88,0.95]"] = cov is not None and 0.88 <= cov <= 0.95
         out.append(res)
@@ -121,18 +119,19 @@ def interval_validation(tmp: Path, runs: list[tuple[int, int]], epochs: int) -> 
 
 # The drift world: drift starts at DRIFT_START of the timeline, where val ends and calib begins, so
 # train and val (early stopping) see no drift and calib and test carry the same drift. The split
-# gives calib DRIFT_CALIB_FRAC of the rows (>= 200k rows at the default 700k).
+# gives calib 30% of the rows (>= 200k rows at the default 700k).
 DRIFT_START = 0.35
 DRIFT_SPLIT = {"val_frac": 0.05, "calib_frac": 0.30, "test_frac": 0.35}  # train: the first 30%
 DRIFT_SD = {"account_sd": 0.5, "region_sd": 0.5}
 
 
 def drift_field_rce(tmp: Path, rows: int, epochs: int) -> dict:
-    predictor, frames, _ = train(tmp / "drift", [
+    run = train([
         f"data.source.n={rows}", f"trainer.max_epochs={epochs}", "calibrator=none", "postfit=[export]",
         "export.onnx=false", *(f"data.source.drift.{k}={v}" for k, v in DRIFT_SD.items()),
         f"data.source.drift.start_frac={DRIFT_START}", *(f"data.split.{k}={v}" for k, v in DRIFT_SPLIT.items()),
-    ])
+    ], tmp / "drift")
+    predictor, frames = run.model, run.frames()
     calib, test = frames["calib"], frames["test"]
     s_cal, s_test = predictor.predict_logits(calib), predictor.predict_logits(test)
     y_cal, y_test = calib["clicked"].to_numpy(float), test["clicked"].to_numpy(float)
@@ -143,11 +142,10 @@ def drift_field_rce(tmp: Path, rows: int, epochs: int) -> dict:
     fields = {"account": test["account_id"].to_numpy(), "state": test["state"].to_numpy(),
               "city": test["city"].to_numpy()}
     for name in ("temperature", "hierarchical", "geospatial"):
-        cal = instantiate(OmegaConf.load(ROOT / "conf" / "calibrator" / f"{name}.yaml"), _convert_="all")
-        predictor.calibrator = cal  # group_columns picks the columns this calibrator keys on
-        # positional: GeospatialCalibrator names this argument `regions`, the others `groups`
-        cal.fit(s_cal, y_cal, predictor.group_columns(calib))
-        p = cal.transform(s_test, predictor.group_columns(test))
+        cal = configured_calibrator(name)
+        # the columns this calibrator keys on; positional: GeospatialCalibrator names the argument `regions`
+        cal.fit(s_cal, y_cal, predictor.group_columns(calib, calibrator=cal))
+        p = cal.transform(s_test, predictor.group_columns(test, calibrator=cal))
         res = {"ece_true": ece_true(p, test["true_ctr"].to_numpy(float)), "auc": auc(p, y_test)}
         for field, keys in fields.items():
             res[f"field_rce_{field}"] = field_rce(p, y_test, keys, min_clicks=REPORT_MIN_CLICKS)
@@ -185,9 +183,10 @@ def paired_bootstrap_ece(p_a, p_b, y, w, n_bins: int, reps: int = 500, seed: int
 
 
 def real_spline_vs_isotonic(tmp: Path, data: str, epochs: int) -> dict:
-    predictor, frames, _ = train(tmp / data, [f"data={data}", f"features={data}", f"trainer.max_epochs={epochs}",
-                                             "calibrator=none", "postfit=[export]", "export.onnx=false"])
-    spec = predictor.processor.spec
+    run = train([f"data={data}", f"features={data}", f"trainer.max_epochs={epochs}", "calibrator=none",
+                 "postfit=[export]", "export.onnx=false"], tmp / data)
+    predictor, frames = run.model, run.frames()
+    spec = predictor.spec
     # these data configs may set no calib split: then calibrate on val (early stopping used it too)
     calib = frames["calib"] if len(frames.get("calib", ())) else frames["val"]
     test = frames["test"]
@@ -205,8 +204,7 @@ def real_spline_vs_isotonic(tmp: Path, data: str, epochs: int) -> dict:
     probs = {}
     for name in ("spline", "isotonic"):
         # spline as configured for calibrator=spline (conf/calibrator/spline.yaml)
-        cal = (instantiate(OmegaConf.load(ROOT / "conf" / "calibrator" / "spline.yaml"), _convert_="all")
-               if name == "spline" else make_calibrator(name))
+        cal = configured_calibrator("spline") if name == "spline" else make_calibrator(name)
         cal.fit(s_cal, y_cal, weight=w_cal)
         probs[name] = p = cal.transform(s_test)
         out[f"ece_{name}"] = ece(p, y_test, weight=w_test)  # 15 bins, as before
@@ -244,8 +242,7 @@ def resplit_ece(s, y, w, reps: int = 100, seed: int = 0) -> dict:
         wa, wb = (None, None) if w is None else (w[a], w[b])
         bins = ece_bins(y[b].sum())
         for name, values in eces.items():
-            cal = (instantiate(OmegaConf.load(ROOT / "conf" / "calibrator" / "spline.yaml"), _convert_="all")
-                   if name == "spline" else make_calibrator(name))
+            cal = configured_calibrator("spline") if name == "spline" else make_calibrator(name)
             cal.fit(s[a], y[a], weight=wa)
             p = cal.transform(s[b])
             values.append(ece(p, y[b], n_bins=bins, weight=wb))
@@ -263,10 +260,11 @@ def resplit_ece(s, y, w, reps: int = 100, seed: int = 0) -> dict:
 
 
 SECTIONS = ("simulator", "intervals", "drift", "real")
+REAL_DATA = {"ipinyou": "ipinyou_deepctr_sample", "kag_conversion": "facebook_ad_conversions_KAG"}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--rows", type=int, default=800_000, help="simulator rows (the default world size)")
     ap.add_argument("--drift-rows", type=int, default=700_000, help="drift world rows (calib split: 30%%)")
     ap.add_argument("--interval-runs", default="400000:11",
@@ -274,20 +272,16 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"comma list of {SECTIONS}; sections not run keep their stored results")
-    ap.add_argument("--real-only", action="store_true", help="same as --sections real")
     args = ap.parse_args()
-    sections = {"real"} if args.real_only else set(args.sections.split(","))
+    sections = set(args.sections.split(","))
     if sections - set(SECTIONS):
         raise SystemExit(f"--sections: unknown {sorted(sections - set(SECTIONS))}; choose from {SECTIONS}")
-    path = ROOT / "benchmarks" / "results" / "calibration_quality.json"
-    results: dict = json.loads(path.read_text()) if sections != set(SECTIONS) and path.is_file() else {}
-    results.setdefault("seconds", {})
-    if not isinstance(results["seconds"], dict):
+    results: dict = (read_json(NAME, args.results_dir) or {}) if sections != set(SECTIONS) else {}
+    if not isinstance(results.get("seconds"), dict):
         results["seconds"] = {}
-    results.pop("seconds_real_data", None)
+    runs = [tuple(int(x) for x in r.split(":")) for r in args.interval_runs.split(",") if r]
     with TemporaryDirectory() as d:
         tmp = Path(d)
-        runs = [tuple(int(x) for x in r.split(":")) for r in args.interval_runs.split(",") if r]
         simulator_sections = {  # section -> (results key, what it runs)
             "simulator": ("simulator_spline", lambda: simulator_spline(tmp, args.rows, args.epochs)),
             "intervals": ("interval_validation", lambda: interval_validation(tmp, runs, args.epochs)),
@@ -298,10 +292,10 @@ def main() -> None:
                 start = time.time()
                 results[key] = run()
                 results["seconds"][section] = time.time() - start
-                save(results)
+                write_json(NAME, results, args.results_dir)  # a later section failing keeps this one
         if "real" in sections:
             start = time.time()
-            for data, folder in (("ipinyou", "ipinyou_deepctr_sample"), ("kag_conversion", "facebook_ad_conversions_KAG")):
+            for data, folder in REAL_DATA.items():
                 if not (DATA_DIR / folder).exists():
                     results[data] = {"skipped": f"{DATA_DIR / folder} not present"}
                     continue
@@ -310,14 +304,8 @@ def main() -> None:
                 except Exception as err:  # noqa: BLE001 - a loader or data problem is reported, the benchmark goes on
                     results[data] = {"error": f"{type(err).__name__}: {err}"}
             results["seconds"]["real"] = time.time() - start
-    print(json.dumps(save(results), indent=2, default=float))
-
-
-def save(results: dict) -> dict:
-    """Write what is measured so far (a later stage failing keeps the earlier numbers)."""
-    path = ROOT / "benchmarks" / "results" / "calibration_quality.json"
-    path.write_text(json.dumps(results, indent=2, default=float))
-    return results
+    print(f"wrote {write_json(NAME, results, args.results_dir)}")
+    print({k: v for k, v in results.items() if k != "seconds"})
 
 
 if __name__ == "__main__":

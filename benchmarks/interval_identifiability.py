@@ -22,15 +22,15 @@ It needs a trained simulator run (its bundle) and draws fresh impressions of the
    labels; and the seen share of their average says whether averaging away the noise leaves an
    error that pairs can see.
 
-    python train.py                                  # any simulator run
-    python benchmarks/interval_identifiability.py --run outputs/train/runs/<ts>
-    python train.py seed=7 data.source.sample_seed=1007 hydra.run.dir=outputs/partner   # optional
-    python benchmarks/interval_identifiability.py --run <run> --partner outputs/partner
-    # writes benchmarks/results/interval_identifiability.json and .md
+    python -m benchmarks.interval_identifiability            # the default runs of seeds 7 and 11
+        # (trained once into outputs/benchmarks/, with partners on sample seed + 1000)
+        # -> benchmarks/results/interval_identifiability_seed{7,11}.{json,md}
+    python -m benchmarks.interval_identifiability --run outputs/train/runs/<ts> [--partner <run>]
+        # any simulator run -> interval_identifiability.{json,md}; a partner: train.py seed=7
+        # data.source.sample_seed=1007 hydra.run.dir=outputs/partner
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -39,7 +39,17 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import (
+    fresh_sample,
+    load_run,
+    parser,
+    repo_path,
+    simulator_run,
+    write_json,
+    write_markdown,
+)
+
+NAME = "interval_identifiability"
 
 
 def seen_share(resid_true: np.ndarray, fields: dict[str, np.ndarray], pairs: bool = True) -> dict:
@@ -66,7 +76,7 @@ def closed_index_variance(x: np.ndarray, fields: dict[str, np.ndarray], row_weig
     once, so a cell counts with n_c^2 (as in the pair moments of ProbabilityIntervals): where a
     cell's effect changes with its size (a high bid buys traffic AND clicks; a busy ad had more
     training rows, so a smaller error) that biases the sum toward the busy cells."""
-    from within.calibration.intervals import _combine
+    from within.calibration.intervals import pair_codes
 
     x = np.asarray(x, dtype=np.float64) - np.mean(x)
     names = list(fields)
@@ -74,7 +84,7 @@ def closed_index_variance(x: np.ndarray, fields: dict[str, np.ndarray], row_weig
     def c(key: tuple[str, ...]) -> float:
         code = fields[key[0]]
         for f in key[1:]:
-            code = _combine(code, fields[f])
+            code = pair_codes(code, fields[f])
         k = int(code.max()) + 1
         n = np.bincount(code, minlength=k).astype(np.float64)
         pair_sum = np.bincount(code, x, k) ** 2 - np.bincount(code, x * x, k)
@@ -115,64 +125,33 @@ def sample_seed_of(metadata: dict) -> tuple[int, int]:
     return seed, seed if source.get("sample_seed") is None else int(source["sample_seed"])
 
 
-def load_run(run: str | Path, flag: str = "--run"):
-    """(predictor, metadata) of a run directory written by train.py."""
-    from within.models.predictor import AdScorePredictor
-
-    bundle = Path(run) / "bundle"
-    if not (bundle / "metadata.json").exists():
-        raise SystemExit(f"{flag}: {bundle} has no metadata.json; pass a run directory written by train.py")
-    return AdScorePredictor.load(bundle), json.loads((bundle / "metadata.json").read_text())["metadata"]
-
-
-def fresh_sample(metadata: dict, rows: int, sample_seed: int):
-    from within.data.simulator import simulate
-
-    source = dict(metadata["config"]["data"]["source"])
-    if "simulator" not in str(source.get("_target_", "")):
-        raise ValueError(f"--run: needs a simulator run (data=synthetic); this one used {source.get('_target_')}")
-    kwargs = {k: v for k, v in source.items() if not k.startswith("_")}
-    kwargs.update(n=int(rows), sample_seed=int(sample_seed))
-    return simulate(**kwargs)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, help="a simulator run directory (holds bundle/)")
-    ap.add_argument("--partner", help="optional: a run of the same world trained on another data.source.sample_seed")
-    ap.add_argument("--sizes", default="80000,160000,320000,480000", help="fit-set sizes (rows)")
-    ap.add_argument("--eval-rows", type=int, default=160_000, help="held-out rows that score coverage")
-    ap.add_argument("--redraws", type=int, default=5, help="label redraws per size")
-    ap.add_argument("--sample-seed", type=int, default=999)
-    ap.add_argument("--alpha", type=float, default=0.1)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "interval_identifiability"))
-    args = ap.parse_args()
-
+def identifiability(run: Path, partner_run: Path | None, sizes: list[int], n_eval: int, redraws: int,
+                    sample_seed: int, alpha: float) -> dict:
+    """The seen share, closed indices, partner split and moment-noise sweep of one run."""
     from scipy.special import logit
 
     from within.calibration.intervals import ProbabilityIntervals, coverage, finest_fields
     from within.postfit.intervals import CONTENT_KEY, interval_keys
 
-    predictor, metadata = load_run(args.run)
+    predictor, metadata = load_run(run)
     settings = metadata["config"].get("intervals", {})
     partner = None
-    if args.partner:
-        partner, partner_meta = load_run(args.partner, "--partner")
+    if partner_run is not None:
+        partner, partner_meta = load_run(partner_run, "--partner")
         (world, rows_seed), (p_world, p_rows_seed) = sample_seed_of(metadata), sample_seed_of(partner_meta)
         if world != p_world or rows_seed == p_rows_seed:
             raise SystemExit(f"--partner: needs the same world (seed {world}) trained on other rows; it has seed {p_world} "
                              f"and sample seed {p_rows_seed} (run: {rows_seed}). Train it with "
                              f"seed={world} data.source.sample_seed=<another value>")
     weight_power = float(settings.get("weight_power", 0.5))
-    sizes = sorted(int(x) for x in args.sizes.split(","))
     start = time.time()
-    frame = fresh_sample(metadata, sizes[-1] + args.eval_rows, args.sample_seed)
+    frame = fresh_sample(metadata, sizes[-1] + n_eval, sample_seed)
     logits, _ = predictor.logits_with_members(frame)
     s = np.asarray(logits, dtype=np.float64)
-    truth = frame[predictor.processor.spec.truth].to_numpy(dtype=np.float64)
+    truth = frame[predictor.spec.truth].to_numpy(dtype=np.float64)
     fit_rows, eval_rows = np.arange(sizes[-1]), np.arange(sizes[-1], len(frame))
     keys = interval_keys(predictor, frame)
-    y_fit = frame[predictor.processor.spec.label].to_numpy()[fit_rows]  # the observed labels
+    y_fit = frame[predictor.spec.label].to_numpy()[fit_rows]  # the observed labels
     fit_keys = {k: v[fit_rows] for k, v in keys.items()}
 
     # 1. seen share, on the fit rows with a, b from the largest observed-label fit
@@ -181,8 +160,8 @@ def main() -> None:
     a, b = reference.params_["a"], reference.params_["b"]
     resid = logit(np.clip(truth, 1e-9, 1 - 1e-9)) - (a + b * s)
     fields = finest_fields(fit_keys, len(fit_rows))
-    results = {"run": str(args.run), "rows_fresh": len(frame), "sample_seed": args.sample_seed,
-               "weight_power": weight_power, "alpha": args.alpha,
+    results = {"run": repo_path(run), "rows_fresh": len(frame), "sample_seed": sample_seed,
+               "weight_power": weight_power, "alpha": alpha,
                "oracle": seen_share(resid[fit_rows], fields),
                "oracle_fields_only": seen_share(resid[fit_rows], fields, pairs=False)["seen_share"]}
     # the same question with closed indices, pairs counted once (n_c^2 per cell) or per row
@@ -201,29 +180,29 @@ def main() -> None:
         "var": float(true_logit.var()), "seen_by_keys": seen_share(true_logit, fields)["seen_by_keys"],
         "closed_index_pair_weighted": closed_index_variance(true_logit, fields, False),
         "closed_index_row_weighted": closed_index_variance(true_logit, fields, True)}
-    # the coverage a perfectly known, constant spread would give (the Gaussian-logit shape alone)
     if partner is not None:
         s_partner = np.asarray(partner.logits_with_members(frame)[0], dtype=np.float64)
-        results["partner"] = {"run": str(args.partner), **partner_comparison(
+        results["partner"] = {"run": repo_path(partner_run), **partner_comparison(
             s[fit_rows], s_partner[fit_rows], logit(np.clip(truth[fit_rows], 1e-9, 1 - 1e-9)), y_fit, fit_keys,
             fields, weight_power)}
         print(json.dumps(results["partner"]), flush=True)
+    # the coverage a perfectly known, constant spread would give (the Gaussian-logit shape alone)
     oracle_fixed = ProbabilityIntervals(residual_var=float(resid[fit_rows].var())).fit(
         s[fit_rows], y_fit)
-    _, lo, hi = oracle_fixed.interval(s[eval_rows], args.alpha)
+    _, lo, hi = oracle_fixed.interval(s[eval_rows], alpha)
     results["oracle"]["coverage_with_true_variance"] = coverage(lo, hi, truth[eval_rows])
 
     # 2. moment noise over label redraws
-    rng = np.random.default_rng(args.sample_seed)
+    rng = np.random.default_rng(sample_seed)
     results["sweep"] = []
     for n in sizes:
         rows = fit_rows[:n]
         est = []
-        for _ in range(args.redraws):
+        for _ in range(redraws):
             y = (rng.random(n) < truth[rows]).astype(np.float64)
             fit = ProbabilityIntervals(weight_power=weight_power, max_fit_rows=10**8).fit(
                 s[rows], y, keys={k: v[rows] for k, v in keys.items()})
-            _, lo, hi = fit.interval(s[eval_rows], args.alpha)
+            _, lo, hi = fit.interval(s[eval_rows], alpha)
             est.append((fit.params_["tau2"], fit.params_["tau2_se"], coverage(lo, hi, truth[eval_rows])))
         e = np.array(est)
         results["sweep"].append({"fit_rows": n, "tau2_mean": float(e[:, 0].mean()), "tau2_sd": float(e[:, 0].std(ddof=1)),
@@ -231,10 +210,32 @@ def main() -> None:
                                  "coverage_sd": float(e[:, 2].std(ddof=1)), "coverages": e[:, 2].round(4).tolist()})
         print(json.dumps(results["sweep"][-1]), flush=True)
     results["seconds"] = time.time() - start
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    out.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
+    return results
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--run", type=Path, help="a simulator run directory (holds bundle/); default: --seeds' default runs")
+    ap.add_argument("--partner", type=Path,
+                    help="with --run: a run of the same world trained on another data.source.sample_seed")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[7, 11],
+                    help="without --run: the default runs of these seeds and their partners (sample seed + 1000)")
+    ap.add_argument("--sizes", default="80000,160000,320000,480000", help="fit-set sizes (rows)")
+    ap.add_argument("--eval-rows", type=int, default=160_000, help="held-out rows that score coverage")
+    ap.add_argument("--redraws", type=int, default=5, help="label redraws per size")
+    ap.add_argument("--sample-seed", type=int, default=999)
+    ap.add_argument("--alpha", type=float, default=0.1)
+    args = ap.parse_args()
+    if args.partner and not args.run:
+        raise SystemExit("--partner: needs --run (without --run each default run gets its own partner)")
+    jobs = ([(NAME, args.run, args.partner)] if args.run else
+            [(f"{NAME}_seed{s}", simulator_run(s), simulator_run(s, sample_seed=s + 1000)) for s in args.seeds])
+    sizes = sorted(int(x) for x in args.sizes.split(","))
+    for name, run, partner in jobs:
+        results = identifiability(run, partner, sizes, args.eval_rows, args.redraws, args.sample_seed, args.alpha)
+        print(f"wrote {write_json(name, results, args.results_dir)}")
+        write_markdown(name, markdown(results), args.results_dir)
+        print(markdown(results))
 
 
 def markdown(r: dict) -> str:

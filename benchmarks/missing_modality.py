@@ -1,7 +1,8 @@
 """Missing-modality ablation on the simulator: train with 30% of images and 30% of text dropped.
 
-Two runs of the real training pipeline (model=nn, data=synthetic with ``--rows`` rows, same seed,
-same split, post-fit ``calibrate``):
+For each seed in ``--seeds`` (it builds the world, draws the rows and inits the model), two runs of
+the real training pipeline (model=nn, data=synthetic with ``--rows`` rows, same split, post-fit
+``calibrate``):
 
 * ``full``: trained on complete records;
 * ``dropped``: trained with ``data.drop_modality={text: 0.3, image: 0.3}``: on the train, val and
@@ -10,38 +11,32 @@ same split, post-fit ``calibrate``):
   False (the model's learned stand-in vector, masked out of CrossModalAttention).
 
 Both models are scored on the same test rows (the last 20% in time), as served by
-``AdScorePredictor.predict`` on DataFrames:
+the bundle's ``predict`` on DataFrames:
 
 * ``full``: complete test records;
 * ``partial_mix``: the test records with the same random 30% / 30% drop (AUC over all rows);
 * ``partial_only``: only the test rows of ``partial_mix`` that lost at least one modality;
 * ``no_text`` / ``no_image`` / ``tabular_only``: every test row without text / image / both.
 
-    python benchmarks/missing_modality.py                # 200k rows -> results/missing_modality.{json,md}
-    python benchmarks/missing_modality.py --rows 30000 --epochs 2 --out /tmp/mm.json   # a quick run
-    python benchmarks/missing_modality.py --seed 8 --out /tmp/mm8.json    # another seed, then merge the runs:
-    python benchmarks/missing_modality.py --combine /tmp/mm7.json /tmp/mm8.json   # -> results/missing_modality.{json,md}
+Writes benchmarks/results/missing_modality.{json,md}: per-seed AUCs and calibration ratios, and the
+mean AUC over seeds per (trained on, tested on) cell; the JSON is rewritten after every seed.
+
+    python -m benchmarks.missing_modality                 # 200k rows, seeds 7 and 8
+    python -m benchmarks.missing_modality --table         # rewrite the markdown from the JSON
+    python -m benchmarks.missing_modality --rows 6000 --epochs 1 --seeds 7 --results-dir /tmp/mm   # a trial run
 """
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import platform
-import sys
 import tempfile
-import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_data import ROOT, compose
+from benchmarks.common import machine, parser, read_json, train, write_json, write_markdown
 
-RESULTS = ROOT / "benchmarks" / "results"
+NAME = "missing_modality"
 RATES = {"text": 0.3, "image": 0.3}
 
 
@@ -63,53 +58,45 @@ def test_variants(test: pd.DataFrame, spec: Any, seed: int) -> dict[str, tuple[p
             "no_text": (no_text, every), "no_image": (no_image, every), "tabular_only": (tab_only, every)}
 
 
-def train(rows: int, seed: int, epochs: int | None, drop: dict[str, float] | None, out: Path) -> tuple[Path, float]:
-    from within.pipeline.train import run_train
+def one_seed(rows: int, seed: int, epochs: int | None, work: Path) -> dict[str, Any]:
+    """Train `full` and `dropped` on one seed's world; AUC and calibration ratio of both on every test variant."""
+    from within.calibration.metrics import auc, calibration_ratio
 
-    overrides = [
-        "data=synthetic", f"data.source.n={rows}", f"seed={seed}", "postfit=[calibrate,export]", "export.onnx=false",
-        "logger=none", "extras.print_config=false", "++trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false", "~callbacks.rich_progress_bar", "~callbacks.lr_monitor",
-    ]
-    if epochs:
-        overrides.append(f"trainer.max_epochs={epochs}")
-    if drop:
-        overrides.append("+data.drop_modality={" + ",".join(f"{k}:{v}" for k, v in drop.items()) + "}")
-    cfg = compose(overrides, out)
-    t0 = time.perf_counter()
-    run_train(cfg)
-    return out / "bundle", time.perf_counter() - t0
-
-
-def markdown(result: dict[str, Any]) -> str:
-    names = list(next(iter(result["auc"].values())))
-    lines = [
-        (f"Simulator, {result['rows']:,} rows (time split: test = last 20%, {result['n_test']:,} rows), seed "
-        f"{result['seed']}; `dropped` trained with 30% of texts and 30% of images removed at random."),
-        "",
-        "| trained on | " + " | ".join(f"test: {n}" for n in names) + " |",
-        "| --- | " + " | ".join("---" for _ in names) + " |",
-    ]
-    for model, aucs in result["auc"].items():
-        lines.append(f"| {model} | " + " | ".join(f"{aucs[n]:.4f}" for n in names) + " |")
-    lines += ["", (f"Test AUC; `partial_only` = the {result['n_partial_only']:,} test rows of `partial_mix` that lost "
-              "text or image; `tabular_only` = no text and no image on any row.")]
-    return "\n".join(lines) + "\n"
+    base = ["data=synthetic", f"data.source.n={rows}", f"seed={seed}", "postfit=[calibrate,export]", "export.onnx=false",
+            *([f"trainer.max_epochs={epochs}"] if epochs else [])]
+    drop = "+data.drop_modality={" + ",".join(f"{k}:{v}" for k, v in RATES.items()) + "}"
+    runs = {"full": train(base, work / f"full_{seed}"), "dropped": train([*base, drop], work / f"dropped_{seed}")}
+    test = runs["full"].frames()["test"]  # drop_modality leaves test whole: the same rows for both
+    spec = runs["full"].model.spec
+    variants = test_variants(test, spec, seed)
+    y = test[spec.label].to_numpy(dtype=float)
+    result: dict[str, Any] = {
+        "rows": rows, "seed": seed, "epochs": epochs, "drop_rates": RATES, "n_test": len(test),
+        "n_partial_only": int(variants["partial_only"][1].sum()),
+        "oracle_auc": float(auc(test[spec.truth].to_numpy(float), y)),
+        "train_s": {name: run.seconds for name, run in runs.items()}, "auc": {}, "calib_ratio": {},
+    }
+    for name, run in runs.items():
+        result["auc"][name], result["calib_ratio"][name] = {}, {}
+        for v, (frame, keep) in variants.items():
+            p = np.asarray(run.model.predict(frame), dtype=float)
+            result["auc"][name][v] = auc(p[keep], y[keep])
+            result["calib_ratio"][name][v] = calibration_ratio(p[keep], y[keep])
+        print(f"seed {seed}, trained on {name}:", result["auc"][name], flush=True)
+    result["dropped_minus_full"] = {v: result["auc"]["dropped"][v] - result["auc"]["full"][v] for v in result["auc"]["full"]}
+    return result
 
 
 def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """One file for several single-seed runs (same rows): the runs as written, plus the mean AUC per cell."""
-    rows = {r["rows"] for r in results}
-    if len(rows) != 1:
-        raise SystemExit(f"--combine: runs differ in --rows {sorted(rows)}")
+    """The seeds' runs as measured, plus the mean AUC per (trained on, tested on) cell."""
     models, variants = list(results[0]["auc"]), list(results[0]["auc"]["full"])
     mean = {m: {v: float(np.mean([r["auc"][m][v] for r in results])) for v in variants} for m in models}
-    return {"rows": rows.pop(), "seeds": [r["seed"] for r in results], "drop_rates": RATES, "mean_auc": mean,
+    return {"rows": results[0]["rows"], "seeds": [r["seed"] for r in results], "drop_rates": RATES, "mean_auc": mean,
             "dropped_minus_full_mean": {v: mean["dropped"][v] - mean["full"][v] for v in variants},
             "by_seed": {str(r["seed"]): r for r in results}}
 
 
-def markdown_combined(result: dict[str, Any]) -> str:
+def markdown(result: dict[str, Any]) -> str:
     variants = list(result["mean_auc"]["full"])
     lines = [
         (f"Simulator, {result['rows']:,} rows (time split: test = last 20%), seeds {result['seeds']} (the seed builds "
@@ -131,67 +118,24 @@ def markdown_combined(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--rows", type=int, default=200_000)
-    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[7, 8])
     ap.add_argument("--epochs", type=int, default=None, help="trainer.max_epochs (default: the trainer config's)")
-    ap.add_argument("--out", default=str(RESULTS / "missing_modality.json"))
     ap.add_argument("--table", action="store_true", help="only rewrite the markdown from the JSON")
-    ap.add_argument("--combine", nargs="+", default=None,
-                    help="single-seed JSONs written by this script -> one --out with per-seed rows and means")
     args = ap.parse_args()
-    out = Path(args.out)
-    if args.combine or (args.table and "by_seed" in json.loads(out.read_text())):
-        result = combine([json.loads(Path(p).read_text()) for p in args.combine]) if args.combine else \
-            json.loads(out.read_text())
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        out.with_suffix(".md").write_text(markdown_combined(result))
-        print(markdown_combined(result))
-        return
     if args.table:
-        result = json.loads(out.read_text())
+        result = read_json(NAME, args.results_dir)
+        if result is None:
+            raise SystemExit(f"--table: no {NAME}.json in {args.results_dir}; run the benchmark first")
     else:
-        warnings.filterwarnings("ignore")
-        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-        import torch
-
-        from within.calibration.metrics import auc, calibration_ratio
-        from within.models.predictor import AdScorePredictor
-        from within.pipeline.train import build_datamodule
-
-        result: dict[str, Any] = {
-            "rows": args.rows, "seed": args.seed, "epochs": args.epochs, "drop_rates": RATES,
-            "machine": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-            "device": "cpu", "auc": {}, "calib_ratio": {}, "train_s": {},
-        }
+        runs = []
         with tempfile.TemporaryDirectory() as tmp:
-            bundles = {}
-            for name, drop in (("full", None), ("dropped", RATES)):
-                bundles[name], result["train_s"][name] = train(args.rows, args.seed, args.epochs, drop,
-                                                               Path(tmp) / name)
-                print(f"trained {name} in {result['train_s'][name]:.0f}s", flush=True)
-            cfg = compose(["data=synthetic", f"data.source.n={args.rows}", f"seed={args.seed}"])
-            dm = build_datamodule(cfg)
-            dm.setup("fit")
-            test, spec = dm.frames["test"], dm.spec
-            variants = test_variants(test, spec, args.seed)
-            y = test[spec.label].to_numpy(dtype=float)
-            result["n_test"] = len(test)
-            result["n_partial_only"] = int(variants["partial_only"][1].sum())
-            result["oracle_auc"] = float(auc(test[spec.truth].to_numpy(float), y))
-            for name, path in bundles.items():
-                pred = AdScorePredictor.load(path)
-                result["auc"][name], result["calib_ratio"][name] = {}, {}
-                for v, (frame, rows) in variants.items():
-                    p = np.asarray(pred.predict(frame), dtype=float)
-                    result["auc"][name][v] = auc(p[rows], y[rows])
-                    result["calib_ratio"][name][v] = calibration_ratio(p[rows], y[rows])
-                print(name, json.dumps(result["auc"][name]), flush=True)
-        result["dropped_minus_full"] = {v: result["auc"]["dropped"][v] - result["auc"]["full"][v]
-                                        for v in result["auc"]["full"]}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+            for seed in args.seeds:
+                runs.append(one_seed(args.rows, seed, args.epochs, Path(tmp)))
+                result = {**combine(runs), "machine": machine()}
+                write_json(NAME, result, args.results_dir)  # after every seed: a cut-short run keeps them
+    write_markdown(NAME, markdown(result), args.results_dir)
     print(markdown(result))
 
 

@@ -17,13 +17,14 @@ see. This measures it without labels.
 Donor rows are independent draws, except that the city block comes from a row of the same country:
 the ad fixes the country, and other countries' cities are off the data's support.
 
-    python benchmarks/score_interactions.py --run outputs/train/runs/<ts>
+    python -m benchmarks.score_interactions        # the default runs of seeds 7 and 11 (trained once
+        # into outputs/benchmarks/) -> benchmarks/results/score_interactions_seed{7,11}.{json,md}
+    python -m benchmarks.score_interactions --run outputs/train/runs/<ts>   # -> score_interactions.{json,md}
+    python -m benchmarks.score_interactions --run <tiny run> --rows 200 --results-dir /tmp/si   # a trial run
 """
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -32,7 +33,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import (
+    fresh_sample,
+    load_run,
+    parser,
+    repo_path,
+    simulator_run,
+    write_json,
+    write_markdown,
+)
+
+NAME = "score_interactions"
 
 # the simulator's columns, grouped by the unit that fixes them
 SIMULATOR_BLOCKS = {
@@ -82,42 +93,49 @@ def high_order_variance(importance: dict) -> dict:
     return {"order3plus": y3 - math.comb(3, 2) * y4, "order3plus_upper": y3}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, help="a simulator run directory (holds bundle/)")
-    ap.add_argument("--rows", type=int, default=2000, help="base rows (each costs 2^4 scorings per set of 4)")
-    ap.add_argument("--sample-seed", type=int, default=4242)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "score_interactions"))
-    args = ap.parse_args()
-
-    from interval_identifiability import fresh_sample, load_run
-
-    predictor, metadata = load_run(args.run)
+def interactions(run: Path, rows: int, sample_seed: int) -> dict:
+    """Superset importances of a run's score (logits) on `rows` fresh rows of its world, orders 1-4."""
+    predictor, metadata = load_run(run)
     start = time.time()
-    frame = fresh_sample(metadata, 2 * args.rows, args.sample_seed).reset_index(drop=True)
-    base, pool = frame.iloc[: args.rows].reset_index(drop=True), frame.iloc[args.rows:].reset_index(drop=True)
-    rng = np.random.default_rng(args.sample_seed)
+    frame = fresh_sample(metadata, 2 * rows, sample_seed).reset_index(drop=True)
+    base, pool = frame.iloc[:rows].reset_index(drop=True), frame.iloc[rows:].reset_index(drop=True)
+    rng = np.random.default_rng(sample_seed)
     same_country = np.array([rng.choice(np.flatnonzero(pool["country"].to_numpy() == c))
                              for c in base["country"].to_numpy()])
     donors = {b: pool for b in SIMULATOR_BLOCKS}
     donors["city"] = pool.iloc[same_country].reset_index(drop=True)
     f = lambda df: predictor.logits_with_members(df)[0]
     imp = superset_importance(f, base, donors, SIMULATOR_BLOCKS)
-    result = {"run": str(args.run), "rows": args.rows, "var_score": float(np.var(f(base))),
-              "totals": {k: v["total"] for k, v in imp.items()}, **high_order_variance(imp),
-              "top": {k: dict(sorted(v["by_set"].items(), key=lambda kv: -kv[1])[:6]) for k, v in imp.items()},
-              "seconds": time.time() - start}
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    lines = [f"# Interactions in the score of {args.run} ({args.rows} rows, label-free)", "",
+    return {"run": repo_path(run), "rows": rows, "var_score": float(np.var(f(base))),
+            "totals": {k: v["total"] for k, v in imp.items()}, **high_order_variance(imp),
+            "top": {k: dict(sorted(v["by_set"].items(), key=lambda kv: -kv[1])[:6]) for k, v in imp.items()},
+            "seconds": time.time() - start}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Interactions in the score of {result['run']} ({result['rows']} rows, label-free)", "",
              f"- variance of the score (logit): {result['var_score']:.4f}",
              f"- components of order >= 3: **{result['order3plus']:.4f}** (upper bound {result['order3plus_upper']:.4f})",
              "", "| order | sum of superset importances | largest sets |", "| --- | --- | --- |"]
     for k, v in result["top"].items():
         top = ", ".join(f"{name} {val:.4f}" for name, val in list(v.items())[:3])
         lines.append(f"| {k} | {result['totals'][k]:.4f} | {top} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--run", type=Path, help="a simulator run directory (holds bundle/); default: --seeds' default runs")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[7, 11], help="without --run: the default runs of these seeds")
+    ap.add_argument("--rows", type=int, default=2000, help="base rows (each costs 2^4 scorings per set of 4)")
+    ap.add_argument("--sample-seed", type=int, default=4242)
+    args = ap.parse_args()
+    jobs = [(NAME, args.run)] if args.run else [(f"{NAME}_seed{s}", simulator_run(s)) for s in args.seeds]
+    for name, run in jobs:
+        result = interactions(run, args.rows, args.sample_seed)
+        print(f"wrote {write_json(name, result, args.results_dir)}")
+        write_markdown(name, markdown(result), args.results_dir)
+        print(markdown(result))
 
 
 if __name__ == "__main__":

@@ -18,29 +18,28 @@ the same rows, with and without each modality.
 
 Also records sampling speed and the peak memory of streaming ``--stream-rows`` rows.
 
-    python benchmarks/simulator_modalities.py            # 300k rows, writes results/simulator_modalities.json
+    python -m benchmarks.simulator_modalities            # 300k rows -> benchmarks/results/simulator_modalities.json
+    python -m benchmarks.simulator_modalities --rows 6000 --stream-rows 20000 --results-dir /tmp/sm   # a trial run
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import time
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from sklearn.decomposition import TruncatedSVD
-from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import OneHotEncoder, normalize
 
+from benchmarks.common import IMAGE_SUMMARIES, hgb_classifier, image_summaries, machine, parser, write_json
 from within.data.simulator import AdMarketSimulator, image_stats
+
+NAME = "simulator_modalities"
 
 CATEGORICAL = ["placement", "device", "age_band", "gender", "hour", "day_of_week", "country", "state",
                "city", "account_id", "campaign_id"]
@@ -56,15 +55,9 @@ def tabular_features(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def image_features(df: pd.DataFrame) -> pd.DataFrame:
-    # Summaries once per distinct image object (rows of one ad share it).
-    obj = df["main_image"].to_numpy(dtype=object)
-    codes, first = np.unique(np.fromiter((id(x) for x in obj), np.int64, len(obj)), return_index=True,
-                             return_inverse=True)[1:][::-1]
-    imgs = np.stack([obj[i] for i in first]).astype(np.float64) / 255.0
-    feats = np.concatenate([imgs.mean(axis=(2, 3)), imgs.std(axis=(2, 3)),
-                            image_stats(np.stack([obj[i] for i in first]))[2][:, None]], axis=1)
-    cols = [f"img_mean_{c}" for c in "rgb"] + [f"img_std_{c}" for c in "rgb"] + ["img_lum_std"]
-    return pd.DataFrame(feats[codes.reshape(-1)], columns=cols, index=df.index)
+    """Per-channel mean / std and luminance std of main_image (benchmarks.common.image_summaries)."""
+    feats = image_summaries(df["main_image"].to_numpy(dtype=object))
+    return pd.DataFrame(feats, columns=[f"img_{s}" for s in IMAGE_SUMMARIES], index=df.index)
 
 
 def text_features(train: pd.DataFrame, test: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -90,10 +83,7 @@ def text_features(train: pd.DataFrame, test: pd.DataFrame, seed: int) -> tuple[p
 
 def fit_auc(xtr: pd.DataFrame, ytr: np.ndarray, xte: pd.DataFrame, yte: np.ndarray, seed: int,
             max_iter: int = 300) -> float:
-    hgb = HistGradientBoostingClassifier(
-        max_iter=max_iter, learning_rate=0.08, max_leaf_nodes=31, min_samples_leaf=100,
-        l2_regularization=1.0, categorical_features="from_dtype", early_stopping=True,
-        validation_fraction=0.1, n_iter_no_change=20, random_state=seed)
+    hgb = hgb_classifier(seed, categorical_features="from_dtype", max_iter=max_iter)
     hgb.fit(xtr, ytr)
     return float(roc_auc_score(yte, hgb.predict_proba(xte)[:, 1]))
 
@@ -164,11 +154,10 @@ def stream_peak_mib(sim: AdMarketSimulator, n: int, chunk_size: int = 100_000) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--rows", type=int, default=300_000)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--stream-rows", type=int, default=10_000_000, help="0 skips the streaming check")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "simulator_modalities.json"))
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -179,7 +168,7 @@ def main() -> None:
     sample_s = time.perf_counter() - t0
     summary = sim.world_summary()
     result = {
-        "rows": args.rows, "seed": args.seed, "machine": platform.processor() or platform.machine(),
+        "rows": args.rows, "seed": args.seed, "machine": machine(),
         "mean_true_ctr": float(df["true_ctr"].mean()), "mean_clicked": float(df["clicked"].mean()),
         "build_s": build_s, "sample_rows_per_s": args.rows / sample_s,
         "sizes": summary["sizes"], "logit_sd": summary["logit_sd"],
@@ -193,9 +182,8 @@ def main() -> None:
         peak, rate = stream_peak_mib(sim, args.stream_rows)
         result["stream"] = {"rows": args.stream_rows, "chunk_size": 100_000, "peak_traced_mib": peak,
                             "rows_per_s": rate}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    print(result)
+    print(f"wrote {write_json(NAME, result, args.results_dir)}")
 
 
 if __name__ == "__main__":

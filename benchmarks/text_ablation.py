@@ -10,69 +10,53 @@ Datasets: the simulator (`data=synthetic`, `--sim-rows` rows; its text is pseudo
 pretrained language model has no prior to bring), and advertising.csv (`data=advertising`,
 1,000 generated rows with English-like ad topics) when ../shared/data holds it.
 
-    python benchmarks/text_ablation.py     # writes benchmarks/results/text_ablation.json
+    python -m benchmarks.text_ablation     # -> benchmarks/results/text_ablation.json
+    python -m benchmarks.text_ablation --sim-rows 3000 --epochs 1 --results-dir /tmp/ta   # a trial run
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("WITHIN_DATA_DIR", ROOT.parent / "shared" / "data"))
+from benchmarks.common import DATA_DIR, compose, machine, parser, train, write_json
 
-
-def compose(overrides: list[str], out_dir: Path):
-    from within.pipeline.api import compose_config
-
-    return compose_config(overrides, output_dir=out_dir, data_dir=DATA_DIR)
+NAME = "text_ablation"
 
 
 def run_one(data_overrides: list[str], text_model: str, work: Path, epochs: int, seed: int) -> dict:
-    import within.pipeline  # noqa: F401  (registers resolvers)
-    from within.models.predictor import AdScorePredictor
-    from within.pipeline.train import build_datamodule, run_train
-
     out = work / f"{data_overrides[0].split('=')[1]}_{text_model}"
     cache = work / "cache"  # cold: every run embeds its strings from scratch
     overrides = data_overrides + [
         f"text_model={text_model}", f"trainer.max_epochs={epochs}", "postfit=[calibrate,export]", "export.onnx=false",
-        "extras.print_config=false", "logger=csv", f"seed={seed}",
+        f"seed={seed}",
     ] + ([f"text_model.cache_dir={cache}"] if text_model != "hashing" else [])
-    cfg = compose(overrides, out)
     embed_s, n_strings = 0.0, None
     if text_model != "hashing":
         from within.features.text_models import TextEmbedder
+        from within.pipeline.data import build_datamodule
 
         # the embedding step alone, on its own cold cache (the run below embeds again, also cold)
+        cfg = compose(overrides, out)
         dm = build_datamodule(cfg)
-        df = dm.load_frame()
-        strings = sorted({s for f in dm.spec.text for s in df[f.name].dropna().astype(str)})
+        strings = sorted({s for f in dm.spec.text for s in dm.load_frame()[f.name].dropna().astype(str)})
         n_strings = len(strings)
         t0 = time.perf_counter()
         TextEmbedder(cfg.text_model.name, cache_dir=work / "probe_cache").encode(strings)
         embed_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    run_train(cfg)
-    train_s = time.perf_counter() - t0
-    metrics = json.loads((out / "report" / "metrics.json").read_text())
-    pred = AdScorePredictor.load(out / "bundle")
-    dm = build_datamodule(cfg)
-    dm.setup("fit")
-    test = dm.frames["test"].iloc[:1000]
+    run = train(overrides, out)
+    pred, spec = run.model, run.model.spec
+    test = run.frames()["test"].iloc[:1000]
     pred.predict(test)  # warm up (loads the text model / cache once)
     t0 = time.perf_counter()
     for _ in range(3):
         pred.predict(test)
     batch_ms = (time.perf_counter() - t0) / 3 * 1000
     record = test.iloc[0].to_dict()
-    field = dm.spec.text[0].name
+    field = spec.text[0].name
     lat = []
     for i in range(5):
         record[field] = f"never seen headline number {i} {time.time_ns()}"
@@ -80,39 +64,32 @@ def run_one(data_overrides: list[str], text_model: str, work: Path, epochs: int,
         pred.predict(record)
         lat.append(time.perf_counter() - t0)
     return {
-        "test/auc": metrics.get("test/auc"), "test/logloss": metrics.get("test/logloss"),
-        "train_s": train_s, "embed_s_cold": embed_s, "n_distinct_strings": n_strings,
+        "test/auc": run.metrics.get("test/auc"), "test/logloss": run.metrics.get("test/logloss"),
+        "train_s": run.seconds, "embed_s_cold": embed_s, "n_distinct_strings": n_strings,
         "predict_1000_rows_ms": batch_ms, "predict_one_new_record_ms": float(np.median(lat)) * 1000,
     }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--sim-rows", type=int, default=20_000)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "text_ablation.json"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
     datasets = {"simulator": ["data=synthetic", f"data.source.n={args.sim_rows}"]}
     if (DATA_DIR / "advertising_clicked_on_ad").exists():
         datasets["advertising"] = ["data=advertising"]
-    result: dict = {
-        "machine": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-        "device": "cpu", "epochs": args.epochs, "seed": args.seed, "sim_rows": args.sim_rows, "results": {},
-    }
+    result: dict = {"machine": machine(), "epochs": args.epochs, "seed": args.seed, "sim_rows": args.sim_rows,
+                    "results": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in datasets.items():
             result["results"][name] = {}
             for tm in ("hashing", "minilm"):
                 r = run_one(overrides, tm, Path(tmp), args.epochs, args.seed)
                 result["results"][name][tm] = r
-                print(name, tm, json.dumps(r), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+                print(name, tm, r, flush=True)
+    print(f"wrote {write_json(NAME, result, args.results_dir)}")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,9 @@
 """benchmarks/calibration_quality.py: the re-split comparison of spline and isotonic held-out ECE."""
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 
-from tests.conftest import ROOT
-
-_spec = importlib.util.spec_from_file_location("calibration_quality", ROOT / "benchmarks" / "calibration_quality.py")
-cq = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cq)
+from benchmarks import calibration_quality as cq
 
 
 def test_resplit_ranks_an_overfitting_isotonic_below_the_spline():

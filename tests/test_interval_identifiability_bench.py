@@ -1,17 +1,10 @@
 """benchmarks/interval_identifiability.py: the share of a true residual that field and pair effects see."""
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
-
-_spec = importlib.util.spec_from_file_location("interval_identifiability",
-                                               ROOT / "benchmarks" / "interval_identifiability.py")
-ii = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ii)
+from benchmarks import interval_identifiability as ii
 
 
 def test_seen_share_is_whole_for_pair_effects_and_misses_a_three_way_effect():

@@ -1,19 +1,11 @@
 """benchmarks/score_interactions.py: label-free superset importance of a score's interactions."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-_spec = importlib.util.spec_from_file_location("score_interactions", ROOT / "benchmarks" / "score_interactions.py")
-si = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(si)
+from benchmarks import score_interactions as si
 
 
 def test_superset_importance_finds_a_three_way_component_and_nothing_above_it():
