@@ -181,3 +181,21 @@ def test_grouped_fields_add_their_attributions():
         e.grouped({"x": ["lat", "headline"]})
     with pytest.raises(ValueError, match="unknown or in two groups"):
         e.grouped({"a": ["lat"], "b": ["lat", "lon"]})
+
+
+def test_an_ensemble_of_networks_is_explained_by_its_members_gradients(model, ads):
+    """A mean (or weighted) ensemble's logit is linear in its members', so are its attributions: the
+    gradient path runs per member (not the permutation explainer's many model calls per row)."""
+    from within.models.ensemble import CalibratedEnsemble
+
+    other = network_model(ads, synthetic_spec(), seed=2)
+    rows, reference = ads.iloc[:6], ads.iloc[500:700]
+    ensemble = CalibratedEnsemble([model, other], aggregation_method="mean")
+    got = explain(ensemble, rows, reference, nsamples=100)
+    parts = [explain(m, rows, reference, method="gradient", nsamples=100) for m in (model, other)]
+    assert got.method == "gradient" and "averaged" in got.method_note
+    np.testing.assert_allclose(got.values, (parts[0].values + parts[1].values) / 2, atol=1e-12)
+    np.testing.assert_allclose(got.logits, ensemble.predict_logits(rows), atol=1e-5)
+    assert np.abs(got.additivity_gap).max() <= max(np.abs(p.additivity_gap).max() for p in parts) + 1e-9
+    median = CalibratedEnsemble([model, other], aggregation_method="median")
+    assert explain(median, rows.iloc[:2], reference.iloc[:50], permutations=2).method == "permutation"

@@ -146,7 +146,7 @@ def test_fairness_report_for_a_model(blind_model, frames, tmp_path):
 
 
 def test_fairness_step_lowers_the_worst_group_ece(blind_model, frames, tmp_path):
-    ctx = PostfitContext(predictor=blind_model, frames=frames, out_dir=tmp_path, config={"fairness": {"n_bins": 10}})
+    ctx = PostfitContext(model=blind_model, frames=frames, out_dir=tmp_path, config={"fairness": {"n_bins": 10}})
     assert STEPS["fairness"].name == "fairness"
     STEPS["fairness"]().run(ctx)
     report = json.loads((tmp_path / "report" / "fairness.json").read_text())

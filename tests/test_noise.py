@@ -126,7 +126,7 @@ def test_noise_annealing_callback(tmp_path):
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_train_py_logs_noise_level_on_its_schedule(tmp_path, schedule):
-    """`python train.py model=nn model.enable_quantum_noise=true`: the logged train/noise_level is
+    """`python train.py model=nn model.net.enable_quantum_noise=true`: the logged train/noise_level is
     noise_intensity * schedule(step / total_steps), total_steps being the run's optimizer steps."""
     import pandas as pd
 
@@ -135,7 +135,7 @@ def test_train_py_logs_noise_level_on_its_schedule(tmp_path, schedule):
     from within.pipeline.train import run_train
 
     cfg = compose_cfg("train", FAST + [
-        "model.enable_quantum_noise=true", f"model.net.noise.annealing_schedule={schedule}",
+        "model.net.enable_quantum_noise=true", f"model.net.noise.annealing_schedule={schedule}",
         "model.net.noise.noise_intensity=0.3", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
         "logger=csv", "postfit=[]",
     ], out_dir=tmp_path)

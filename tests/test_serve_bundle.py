@@ -16,7 +16,7 @@ from within.features.processor import FeatureProcessor
 from within.features.spec import FeatureSpec
 from within.models.ensemble import CalibratedEnsemble
 from within.models.network import NetworkModel, build_net
-from within.serve.loading import graph_has_loop, load_served
+from within.serve.loading import graph_has_loop, load_model, load_served
 
 CALIBRATORS = {"temperature": TemperatureScaling, "platt": PlattScaling, "spline": SplineCalibrator}
 
@@ -98,6 +98,23 @@ def test_load_served_replaces_a_stale_graph(tabular_run, tmp_path):
     served = load_served(tmp_path / "run" / "bundle")
     assert served.graph == "exported in memory"
     assert served.check_max_abs_diff < 1e-6
+
+
+def test_in_process_fast_path_refuses_a_stale_graph(tabular_run, tmp_path):
+    """predict(dict) takes the ONNX graph only when it agrees with the loaded weights and calibrator."""
+    import shutil
+
+    from within.features.records import RecordEncoder
+
+    shutil.copytree(tabular_run, tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "bundle" / "calibration.json").read_text())
+    meta["calibrator"]["state"]["temperature"] *= 3.0
+    (tmp_path / "run" / "bundle" / "calibration.json").write_text(json.dumps(meta))
+    model = load_model(tmp_path / "run" / "bundle")
+    assert model.record_scorer() is None  # stale: scoring falls back to torch
+    record = RecordEncoder(model.processor).example_records(1)[0]
+    assert model.predict(record) == pytest.approx(float(model.predict(model.spec.records_to_frame([record]))[0]))
+    assert load_model(tabular_run / "bundle").record_scorer() is not None  # the untouched bundle's graph agrees
 
 
 def test_load_served_refuses_a_missing_bundle(tmp_path):

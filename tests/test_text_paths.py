@@ -116,7 +116,7 @@ def test_wide_text_inputs_are_checked_by_name():
 def test_wide_text_per_row_norms_under_ghost_clipping_match_per_row_gradients():
     """DP-SGD clips each row's gradient: the norm sampler's per-row norm of the n-gram table must be
     the norm of that row's true gradient (one backward per row)."""
-    from within.lit.dp import RowLoss, row_losses
+    from within.lit.losses import RowLoss, row_losses
     from within.privacy.engine import make_private
 
     input_dim = {"n_num": 2, "cat_cardinalities": [5], "text_fields": 2, "text_buckets": 64, "ngram_buckets": 97}
@@ -256,7 +256,7 @@ def _dp_epsilon(tmp_path, text_model) -> tuple[float, float, int]:
     from omegaconf import OmegaConf
 
     from within.data.datamodule import AdDataModule
-    from within.lit.dp import configure_privacy
+    from within.pipeline.privacy import configure_privacy
     from within.lit.module import AdScoreModule
 
     from .conftest import CONF
@@ -295,7 +295,7 @@ def test_dp_trains_with_the_ngram_wide_path_and_spends_the_same_epsilon(tmp_path
     ["text_model=minilm", "text_model.finetune=true", "text_model.max_length=16", "text_model.finetune_layers=1"],
 ], ids=["ngrams", "finetune"])
 def test_default_postfit_chain_runs_with_the_new_text_paths(tmp_path, text_model):
-    from within.models.predictor import AdScorePredictor
+    from within.models.base import BaseMLModel
     from within.pipeline.train import run_train
 
     from .conftest import FAST, compose_cfg
@@ -310,5 +310,5 @@ def test_default_postfit_chain_runs_with_the_new_text_paths(tmp_path, text_model
     run_train(cfg)
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert np.isfinite(metrics["test/auc"]) and any(k.startswith("quantize/") for k in metrics)
-    model = AdScorePredictor.load(tmp_path / "bundle")
+    model = BaseMLModel.load(tmp_path / "bundle")
     assert (model.processor.ngrams is not None) if "ngrams" in text_model[1] else model.processor.finetune

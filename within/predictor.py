@@ -179,8 +179,8 @@ class AdScorePredictor(BaseMLModel):
         """(score, lower, upper): the score and a central 1 - alpha interval for the ad's TRUE click probability."""
         model = self._fitted()
         if getattr(model, "intervals", None) is None:
-            fix = ("train with uncertainty=True (the default)" if not self.uncertainty
-                   else "retrain with the post-fit step `intervals` in postfit")
+            fix = ("train with uncertainty=True (the default), which runs the post-fit step `intervals`"
+                   if not self.uncertainty else "retrain with the post-fit step `intervals` in postfit")
             raise RuntimeError(f"predict_with_intervals: this model has no intervals; {fix}")
         return model.predict_with_intervals(ad_features, alpha=alpha)
 

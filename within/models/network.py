@@ -76,7 +76,7 @@ class NetworkModel(CalibratedScoring, BaseMLModel):
         self.processor = processor
         self.net = net.eval()
         self.net_class = net_class
-        self.net_kwargs = dict(net_kwargs or {})
+        self.net_kwargs = dict(net_kwargs if net_kwargs is not None else getattr(net, "init_kwargs", {}))
         self.calibrator = calibrator
         self.intervals = intervals
         self.batch_size = int(batch_size)

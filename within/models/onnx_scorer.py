@@ -33,6 +33,17 @@ def find_graph(bundle: str | Path) -> Path | None:
     return None
 
 
+CHECK_ATOL = 1e-5  # max |ONNX - torch| probability on example records before a graph is trusted
+
+
+def max_abs_diff(scorer: OnnxScorer, model: Any, records: list[dict[str, Any]]) -> float:
+    """max |scorer - model's torch path| over the records' calibrated probabilities (the torch path:
+    the records as a DataFrame, which never takes the fast record path)."""
+    want = np.asarray(model.predict(model.spec.records_to_frame(records)), dtype=np.float64)
+    got = np.asarray(scorer.predict(records), dtype=np.float64)
+    return float(np.max(np.abs(want - got)))
+
+
 def affine_of(calibrator: Any) -> tuple[float, float] | None:
     """(slope, bias) when the calibrator maps a logit s to sigmoid(slope * s + bias), read off its
     own transform_logit at three points (temperature and Platt scaling are; the others are not)."""

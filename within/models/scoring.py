@@ -49,6 +49,15 @@ class CalibratedScoring:
                     scorer = OnnxScorer.from_model(self, bundle=self.bundle_path)
                 except (TypeError, ValueError, OSError) as err:
                     log.info("no fast record path for %s (%s); scoring with torch", self.bundle_path, err)
+            if scorer is not None:  # trust the graph only once it agrees with the weights it sits beside
+                from within.features.records import RecordEncoder
+                from within.models.onnx_scorer import CHECK_ATOL, max_abs_diff
+
+                diff = max_abs_diff(scorer, self, RecordEncoder(self.processor).example_records(16))
+                if not diff <= CHECK_ATOL:
+                    log.warning("%s: the ONNX graph differs from the model by %.2e > %.0e; scoring with torch "
+                                "(re-export with the post-fit step `export`)", self.bundle_path, diff, CHECK_ATOL)
+                    scorer = None
             self._fast = (key, scorer)
         return self._fast[1]
 

@@ -204,7 +204,10 @@ class AdPredictorNN(nn.Module):
         image_augment: bool | None = None,
         cross_layers: int = 0,
     ) -> None:
+        # how to rebuild this network from a bundle (NetworkModel saves it beside the weights)
+        init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        self.init_kwargs = init_kwargs
         self.input_dim = _normalise_input_dim(input_dim)
         d = self.input_dim
         if not 0.0 <= dropout_rate < 1.0:

@@ -13,12 +13,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from within.models.onnx_scorer import OnnxScorer, find_graph
+from within.models.onnx_scorer import CHECK_ATOL, OnnxScorer, find_graph, max_abs_diff
 
 log = logging.getLogger(__name__)
-CHECK_ATOL = 1e-5  # max |ONNX - torch| probability on the example records before serving
 
 
 def load_model(path: str | Path) -> Any:
@@ -51,13 +48,6 @@ class Served:
     @property
     def model_version(self) -> str:
         return str(getattr(self.model, "model_version", "unknown"))
-
-
-def max_abs_diff(scorer: OnnxScorer, model: Any, records: list[dict[str, Any]]) -> float:
-    """max |scorer - model| over the records' calibrated probabilities."""
-    want = np.asarray(model.predict(records), dtype=np.float64)
-    got = np.asarray(scorer.predict(records), dtype=np.float64)
-    return float(np.max(np.abs(want - got)))
 
 
 def load_served(bundle: str | Path, threads: int = 1, atol: float = CHECK_ATOL, check_rows: int = 16) -> Served:
