@@ -50,6 +50,9 @@ class HierarchicalEffects(nn.Module):
         tau: prior sd per level (one float for every level), fixed; None = empirical Bayes.
         init_tau: the starting tau of empirical Bayes.
         min_tau: the floor empirical Bayes keeps tau above.
+        lr_scale: the offsets are stored as theta and used as lr_scale * theta, so Adam (whose step is
+            scale-free) moves them lr_scale times faster than the rest of the network: a campaign's
+            scalar sits in few batches, and at the tower's learning rate it would barely leave 0.
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class HierarchicalEffects(nn.Module):
         tau: float | Sequence[float] | None = None,
         init_tau: float = 0.3,
         min_tau: float = 1e-3,
+        lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.fields = [str(f) for f in fields]
@@ -86,6 +90,9 @@ class HierarchicalEffects(nn.Module):
         if any(not t > 0 for t in taus) or not min_tau > 0:
             raise ValueError(f"hierarchy_tau: prior sds must be > 0, got {taus} (min_tau {min_tau})")
         self.min_tau = float(min_tau)
+        if not float(lr_scale) > 0:
+            raise ValueError(f"hierarchy_lr_scale must be > 0, got {lr_scale}")
+        self.lr_scale = float(lr_scale)
         self.cardinalities = cards
         self.effects = nn.Embedding(sum(cards), 1)
         nn.init.zeros_(self.effects.weight)
@@ -111,7 +118,7 @@ class HierarchicalEffects(nn.Module):
     def level_offsets(self, groups: torch.Tensor) -> torch.Tensor:
         """Each level's offset per row [B, L]; 0 for padding and OOV values."""
         idx = self.codes(groups)
-        eff = self.effects(idx)[..., 0]
+        eff = self.effects(idx)[..., 0] * self.lr_scale
         return eff * self.is_value[idx].to(eff.dtype)
 
     def forward(self, groups: torch.Tensor) -> torch.Tensor:
@@ -120,7 +127,7 @@ class HierarchicalEffects(nn.Module):
 
     def effect_table(self) -> list[torch.Tensor]:
         """Each level's deltas [cardinality] (codes 0 and 1 are padding and OOV)."""
-        w = self.effects.weight.detach()[:, 0]
+        w = self.effects.weight.detach()[:, 0] * self.lr_scale
         return list(w.split(self.cardinalities))
 
     @property
@@ -136,7 +143,7 @@ class HierarchicalEffects(nn.Module):
 
     def penalty(self) -> torch.Tensor:
         """P / n_rows (see the module docstring). Before `set_rows`, n_rows is the impressions observed so far."""
-        w = self.effects.weight[:, 0]
+        w = self.effects.weight[:, 0] * self.lr_scale
         tau2 = self.tau2.to(w.dtype)[self.level_of]
         total = (w.pow(2) / (2 * tau2) * self.is_value.to(w.dtype)).sum()
         n = torch.where(self.n_rows > 0, self.n_rows, self.rows_seen.clamp_min(1.0))  # no device sync
@@ -159,7 +166,7 @@ class HierarchicalEffects(nn.Module):
         counts are reset. Returns {field: tau}."""
         info = self.info if info is None else info.to(self.info)
         if self.empirical_bayes:
-            w = self.effects.weight.detach()[:, 0].double()
+            w = self.effects.weight.detach()[:, 0].double() * self.lr_scale
             for lvl, (delta, h, value) in enumerate(zip(w.split(self.cardinalities), info.split(self.cardinalities),
                                                         self.is_value.split(self.cardinalities))):
                 seen = value & (h > 0)

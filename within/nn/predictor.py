@@ -208,6 +208,7 @@ class AdPredictorNN(nn.Module):
             "campaign_id"]) that get nested random-effect offsets on the logit; None = off.
         hierarchy_tau: the offsets' prior sd, one per level or one for all; None = empirical Bayes
             (the HierarchyPrior callback updates it between epochs).
+        hierarchy_lr_scale: the offsets learn this many times faster than the rest (see HierarchicalEffects).
     """
 
     def __init__(
@@ -235,6 +236,7 @@ class AdPredictorNN(nn.Module):
         cross_layers: int = 0,
         hierarchy: Sequence[str] | None = None,
         hierarchy_tau: float | Sequence[float] | None = None,
+        hierarchy_lr_scale: float = 10.0,
     ) -> None:
         super().__init__()
         self.input_dim = _normalise_input_dim(input_dim)
@@ -352,9 +354,9 @@ class AdPredictorNN(nn.Module):
             nn.init.zeros_(self.text_wide.weight)
             self.text_wide_scale = d["ngram_lr_scale"]
         self.register_buffer("_cat_limits", torch.tensor(cards, dtype=torch.long), persistent=False)
-        self.hierarchy = self._build_hierarchy(hierarchy, hierarchy_tau)
+        self.hierarchy = self._build_hierarchy(hierarchy, hierarchy_tau, hierarchy_lr_scale)
 
-    def _build_hierarchy(self, fields: Sequence[str] | None, tau: Any) -> HierarchicalEffects | None:
+    def _build_hierarchy(self, fields: Sequence[str] | None, tau: Any, lr_scale: float) -> HierarchicalEffects | None:
         if not fields:
             return None
         if isinstance(fields, str):
@@ -373,7 +375,8 @@ class AdPredictorNN(nn.Module):
                 "declare them with type: group in conf/features/<name>.yaml, or drop them from the hierarchy"
             )
         cols = [known.index(f) for f in fields]
-        return HierarchicalEffects(fields, cols, [self.input_dim["group_cardinalities"][c] for c in cols], tau=tau)
+        return HierarchicalEffects(fields, cols, [self.input_dim["group_cardinalities"][c] for c in cols], tau=tau,
+                                   lr_scale=lr_scale)
 
     def regularization(self) -> torch.Tensor | None:
         """The hierarchy prior's penalty, per training impression (None without a hierarchy): add it to a
