@@ -53,6 +53,7 @@ class FieldLayout:
     text: np.ndarray             # [text_fields]
     image: np.ndarray            # [image_fields]
     masks: dict[str, int]        # modality -> index of its presence entry
+    hierarchy: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))  # [levels]
 
     @classmethod
     def of(cls, processor: Any, net: Any) -> FieldLayout:
@@ -73,8 +74,10 @@ class FieldLayout:
         text = [index(f.name) for f in spec.text] if "text" in net.modalities else []
         image = [index(f.name) for f in spec.image] if "image" in net.modalities else []
         masks = {m: index(presence_name(m)) for m in net.modalities}
+        layer = getattr(net, "hierarchy", None)
+        hierarchy = [index(name) for name in layer.fields] if layer is not None else []
         return cls(names, np.asarray(tab, np.int64), np.asarray(wide, np.int64), np.asarray(text, np.int64),
-                   np.asarray(image, np.int64), masks)
+                   np.asarray(image, np.int64), masks, np.asarray(hierarchy, np.int64))
 
     def to_fields(self, attributions: Mapping[str, np.ndarray]) -> np.ndarray:
         """Sum per-input attributions ({embedded key: [N, ...]}) into fields: [N, len(names)]."""
@@ -87,7 +90,7 @@ class FieldLayout:
             elif key in ("text", "image"):  # field-major: [N, fields, ...] flattened
                 per_field = getattr(self, key)
                 cols = np.repeat(per_field, a.shape[1] // max(len(per_field), 1))
-            elif key in ("tabular", "wide"):
+            elif key in ("tabular", "wide", "hierarchy"):
                 cols = getattr(self, key)
             else:
                 raise KeyError(f"FieldLayout.to_fields: unknown embedded input {key!r}")

@@ -4,7 +4,7 @@
 Gradients with respect to integer ids do not exist, so the explainer works past the lookups
 (`AdPredictorNN.embed_inputs`): category embeddings, numeric columns, per-field text vectors,
 pixels and the modality masks, all float. The first-order (wide) term is a sum of one scalar per
-category value, so its attribution is computed exactly, value minus its mean over the reference,
+category value (as are a hierarchy's random-effect offsets), so its attribution is computed exactly, value minus its mean over the reference,
 and only the rest of the network goes through the sampler. Expected gradients add up to
 logit - mean reference logit in expectation; a row's remaining Monte Carlo error is its
 `additivity_gap`, which shrinks like 1 / sqrt(nsamples).
@@ -26,6 +26,9 @@ NOTE = ("expected gradients over embedded inputs (shap.GradientExplainer); the f
         "additivity holds up to Monte Carlo error (additivity_gap)")
 
 
+ADDITIVE = ("wide", "hierarchy")  # embedded inputs the logit adds as they are: attributed exactly
+
+
 class _DeepLogit(nn.Module):
     """The network without its wide term, on all embedded inputs flattened into one [B, D] tensor:
     shap runs one backward pass per input tensor, so one tensor is one pass instead of five."""
@@ -33,7 +36,7 @@ class _DeepLogit(nn.Module):
     def __init__(self, net: nn.Module, example: Mapping[str, torch.Tensor]) -> None:
         super().__init__()
         self.net = net
-        self.keys = [k for k in example if k != "wide"]
+        self.keys = [k for k in example if k not in ADDITIVE]
         self.shapes = [tuple(example[k].shape[1:]) for k in self.keys]
         self.sizes = [int(np.prod(s)) for s in self.shapes]
 
@@ -102,8 +105,9 @@ def explain_network(
     finally:
         np.random.set_state(state)
     attributions = deep.unflatten(np.asarray(phi)[..., 0])
-    if "wide" in emb_rows:  # additive in its inputs: value minus its reference mean, exactly
-        attributions["wide"] = (emb_rows["wide"] - emb_ref["wide"].mean(dim=0)).double().numpy()
+    for key in ADDITIVE:  # additive in its inputs: value minus its reference mean, exactly
+        if key in emb_rows:
+            attributions[key] = (emb_rows[key] - emb_ref[key].mean(dim=0)).double().numpy()
     layout = FieldLayout.of(model.processor, net)
     explanation = Explanation(
         values=layout.to_fields(attributions),

@@ -153,6 +153,10 @@ class FeatureProcessor:
             "image_channels": image[0].channels if image else 0,
             "image_size": image[0].size if image else 0,
             "image_augment": any(f.augment for f in image),
+            # the AdBatch `groups` columns (every group field, embedded or not), for a hierarchy of random effects
+            **({"group_fields": [f.name for f in self.spec.groups],
+                "group_cardinalities": [len(self.vocabs[f.name]) + 2 for f in self.spec.groups]}
+               if self.spec.groups else {}),
         }
 
     # ---- transform ----------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """AdScoreModule: the LightningModule around any logits model (AdPredictorNN by default).
 
 Loss is binomial cross-entropy on logits, weighted by impressions, so aggregated rows
-(clicks out of impressions) and one-impression rows share one code path.
+(clicks out of impressions) and one-impression rows share one code path. A network with a
+`regularization()` method (AdPredictorNN with a hierarchy) adds its penalty to the training loss;
+the logged train/loss stays the log loss alone.
 """
 from __future__ import annotations
 
@@ -79,6 +81,12 @@ class AdScoreModule(L.LightningModule):
         n = impressions.sum()
         loss = total / n
         self.split_loss[f"{split}_loss"].update(loss.detach(), weight=n)
+        if split == "train":
+            # a network's prior penalty (per training impression; e.g. the hierarchy's random effects)
+            reg = getattr(self.net, "regularization", None)
+            penalty = reg() if callable(reg) else None
+            if penalty is not None:
+                loss = loss + penalty
         if split != "train":
             self.split_scores[f"{split}_scores"].update(torch.sigmoid(logits.detach()), clicks, impressions)
         return loss

@@ -20,6 +20,10 @@ The optional cross network (DCN-v2, Wang et al., WWW 2021) runs beside the tower
 vector, layer-normalised: x_{l+1} = x_0 * (W_l x_l + b_l) + x_l, so one layer holds every pairwise product of fused
 features (age embedding x text vector, placement x image vector) that a ReLU tower learns only
 slowly; a Linear head adds it to the logit.
+With `hierarchy` (e.g. [account_id, campaign_id], group fields of the spec, parent first), a
+HierarchicalEffects layer (within/nn/hierarchy.py) adds nested random-effect offsets to the logit,
+read from the AdBatch `groups` codes and shrunk toward their parent by a Gaussian prior whose sd is
+fixed or set by empirical Bayes; `regularization()` is that prior's penalty for the training loss.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ from within.nn.encoders import (
     TransformerTextEncoder,
     build_image_encoder,
 )
+from within.nn.hierarchy import HierarchicalEffects
 from within.nn.smoothquant import smooth_linears
 
 MODALITIES = ("tabular", "text", "image")
@@ -47,6 +52,7 @@ _INPUT_KEYS = (
     "n_num", "cat_cardinalities", "cat_embedding_dims", "text_fields", "text_buckets",
     "image_fields", "image_channels", "image_size", "text_embedding_dim", "image_augment",
     "ngram_buckets", "ngram_lr_scale", "text_transformer", "text_train_layers", "text_lr_scale",
+    "group_fields", "group_cardinalities",
 )
 
 
@@ -91,6 +97,19 @@ def _projection_input(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return seen[0]
 
 
+def _check_codes(key: str, codes: torch.Tensor, limits: torch.Tensor, names: Sequence[str]) -> None:
+    """Every code of column j in [0, limits[j]); CPU only (on GPU the check would sync every step)."""
+    if codes.device.type != "cpu" or not codes.numel():
+        return
+    bad = (codes < 0) | (codes >= limits.to(codes.dtype))
+    if bool(bad.any()):
+        row, col = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(
+            f"batch[{key!r}][{row}, {col}] = {int(codes[row, col])} is outside [0, {int(limits[col])}) for "
+            f"{names[col]}; encode with the FeatureProcessor fitted for this model"
+        )
+
+
 def _normalise_input_dim(input_dim: Mapping[str, Any] | int) -> dict[str, Any]:
     if isinstance(input_dim, int) and not isinstance(input_dim, bool):  # the spec's int: numeric inputs only
         input_dim = {"n_num": input_dim}
@@ -131,6 +150,13 @@ def _normalise_input_dim(input_dim: Mapping[str, Any] | int) -> dict[str, Any]:
             "fields; give one per field (null = automatic)"
         )
     d["cat_embedding_dims"] = None if dims is None else [None if x is None else int(x) for x in dims]
+    d["group_fields"] = [str(x) for x in input_dim.get("group_fields", [])]
+    d["group_cardinalities"] = [int(x) for x in input_dim.get("group_cardinalities", [])]
+    if len(d["group_fields"]) != len(d["group_cardinalities"]):
+        raise ValueError(
+            f"input_dim['group_fields'] has {len(d['group_fields'])} names for {len(d['group_cardinalities'])} "
+            "group_cardinalities; give one cardinality per group field (FeatureProcessor.input_dim does)"
+        )
     if d["text_fields"] and not d["text_embedding_dim"] and d["text_buckets"] < 2:
         raise ValueError(f"input_dim['text_buckets'] must be >= 2 with text fields, got {d['text_buckets']}")
     if d["image_fields"] and (d["image_channels"] < 1 or d["image_size"] < 1):
@@ -178,6 +204,11 @@ class AdPredictorNN(nn.Module):
             statistics unchanged), for the same reason; valid only where a creative's effect does
             not depend on where its elements sit. None: as input_dim["image_augment"] says (set by
             image fields with `augment: true` in the feature spec).
+        hierarchy: group fields (input_dim["group_fields"], parent first, e.g. ["account_id",
+            "campaign_id"]) that get nested random-effect offsets on the logit; None = off.
+        hierarchy_tau: the offsets' prior sd, one per level or one for all; None = empirical Bayes
+            (the HierarchyPrior callback updates it between epochs).
+        hierarchy_lr_scale: the offsets learn this many times faster than the rest (see HierarchicalEffects).
     """
 
     def __init__(
@@ -203,6 +234,9 @@ class AdPredictorNN(nn.Module):
         text_token_dropout: float = 0.0,
         image_augment: bool | None = None,
         cross_layers: int = 0,
+        hierarchy: Sequence[str] | None = None,
+        hierarchy_tau: float | Sequence[float] | None = None,
+        hierarchy_lr_scale: float = 10.0,
     ) -> None:
         # how to rebuild this network from a bundle (NetworkModel saves it beside the weights)
         init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -323,6 +357,34 @@ class AdPredictorNN(nn.Module):
             nn.init.zeros_(self.text_wide.weight)
             self.text_wide_scale = d["ngram_lr_scale"]
         self.register_buffer("_cat_limits", torch.tensor(cards, dtype=torch.long), persistent=False)
+        self.hierarchy = self._build_hierarchy(hierarchy, hierarchy_tau, hierarchy_lr_scale)
+
+    def _build_hierarchy(self, fields: Sequence[str] | None, tau: Any, lr_scale: float) -> HierarchicalEffects | None:
+        if not fields:
+            return None
+        if isinstance(fields, str):
+            fields = [fields]
+        if self.dp_compatible:
+            raise ValueError(
+                "model.net.hierarchy does not run under DP-SGD: its empirical-Bayes prior reads per-group row "
+                "counts outside the private gradient, and its penalty is not a per-sample loss; set "
+                "model.net.hierarchy=null or privacy=none"
+            )
+        known = self.input_dim["group_fields"]
+        missing = [f for f in fields if f not in known]
+        if missing:
+            raise ValueError(
+                f"model.net.hierarchy: {missing} are not group fields of the feature spec (group fields: {known}); "
+                "declare them with type: group in conf/features/<name>.yaml, or drop them from the hierarchy"
+            )
+        cols = [known.index(f) for f in fields]
+        return HierarchicalEffects(fields, cols, [self.input_dim["group_cardinalities"][c] for c in cols], tau=tau,
+                                   lr_scale=lr_scale)
+
+    def regularization(self) -> torch.Tensor | None:
+        """The hierarchy prior's penalty, per training impression (None without a hierarchy): add it to a
+        loss that is a mean per impression."""
+        return None if self.hierarchy is None else self.hierarchy.penalty()
 
     # ---- input checks -----------------------------------------------------------------------
     def _check_batch(self, X: Mapping[str, torch.Tensor]) -> int:
@@ -352,16 +414,7 @@ class AdPredictorNN(nn.Module):
         if self.n_cat:
             cat = need("cat", f"{self.n_cat} categorical fields")
             check("cat", cat, ints, (None, self.n_cat), "category indices, 0 = pad, 1 = OOV")
-            # Range check only on CPU: on GPU it would force a device sync every step.
-            if cat.device.type == "cpu" and cat.numel():
-                bad = (cat < 0) | (cat >= self._cat_limits)
-                if bool(bad.any()):
-                    row, field = (int(v) for v in bad.nonzero()[0])
-                    raise ValueError(
-                        f"batch['cat'][{row}, {field}] = {int(cat[row, field])} is outside [0, "
-                        f"{self.input_dim['cat_cardinalities'][field]}) for categorical field {field}; "
-                        "encode with the FeatureProcessor fitted for this model"
-                    )
+            _check_codes("cat", cat, self._cat_limits, [f"categorical field {i}" for i in range(self.n_cat)])
         if d["n_num"]:
             num = need("num", f"{d['n_num']} numeric columns")
             check("num", num, (torch.float32,), (None, d["n_num"]), "scaled numerics")
@@ -385,6 +438,12 @@ class AdPredictorNN(nn.Module):
         if "image" in self.modalities and "image" in X:
             check("image", X["image"], (torch.uint8,), (None, d["image_fields"], d["image_channels"], None, None),
                   "raw pixels")
+        if self.hierarchy is not None:
+            n_groups = len(d["group_fields"])
+            groups = need("groups", f"the hierarchy {self.hierarchy.fields} (group codes of {d['group_fields']})")
+            check("groups", groups, ints, (None, n_groups), "group codes, 0 = pad, 1 = OOV")
+            _check_codes("groups", groups, torch.tensor(d["group_cardinalities"]),
+                         [f"group field {name!r}" for name in d["group_fields"]])
         for m in self.modalities:
             key = f"mask_{m}"
             if X.get(key) is not None:
@@ -459,7 +518,13 @@ class AdPredictorNN(nn.Module):
         """AdBatch -> float32 logits [B]."""
         vecs, masks, raw, wide = self._encode(X)
         logits = self._logits_from_fused(self._fuse(vecs, masks, raw))
-        return logits if wide is None else logits + wide.float()
+        logits = logits if wide is None else logits + wide.float()
+        if self.hierarchy is None:
+            return logits
+        logits = logits + self.hierarchy(X["groups"])
+        if self.training and torch.is_grad_enabled():  # the empirical-Bayes E-step's information
+            self.hierarchy.observe(X["groups"], logits, X.get("weight"))
+        return logits
 
     def feature_extraction(self, X: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The fused representation fed to the tower: [B, fused_dim]."""
@@ -485,7 +550,8 @@ class AdPredictorNN(nn.Module):
         - `text` [B, text_fields, D]: the text encoder's per-field vector before its projection
           (the mean token bag, or the sentence embedding);
         - `image` [B, image_fields, C, H, W]: the pixels as float32 (0..255);
-        - `mask_<modality>` [B]: 1.0 where the modality is present, 0.0 where it is missing.
+        - `mask_<modality>` [B]: 1.0 where the modality is present, 0.0 where it is missing;
+        - `hierarchy` [B, levels] (with a hierarchy): each level's random-effect offset.
 
         A modality the batch leaves out gets zeros and mask 0, as `forward` treats it.
         `forward_embedded(embed_inputs(X))` equals `forward(X)`.
@@ -517,6 +583,8 @@ class AdPredictorNN(nn.Module):
                 d = self.input_dim
                 out["image"] = (X["image"].to(torch.float32) if present else torch.zeros(
                     b, d["image_fields"], d["image_channels"], d["image_size"], d["image_size"], device=device))
+        if self.hierarchy is not None:
+            out["hierarchy"] = self.hierarchy.level_offsets(X["groups"]).float()
         return out
 
     def forward_embedded(self, embedded: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -524,8 +592,8 @@ class AdPredictorNN(nn.Module):
 
         Masks enter as `mask * vector + (1 - mask) * missing_vector` (and multiply the raw tabular
         block), which equals `forward`'s select at 0 and 1; the attention's key mask is
-        `mask > 0.5`, a step no gradient sees. Without `wide` the first-order term is left out,
-        so an explainer can attribute it exactly and the rest by gradients.
+        `mask > 0.5`, a step no gradient sees. Without `wide` (or `hierarchy`) that additive term
+        is left out, so an explainer can attribute it exactly and the rest by gradients.
         """
         first = next(iter(embedded.values()))
         b, device = first.shape[0], first.device
@@ -549,7 +617,10 @@ class AdPredictorNN(nn.Module):
                 vec = self.modality_dropout(vec, m)
             vecs[m], masks[m] = vec, keep > 0.5
         logits = self._logits_from_fused(self._fuse(vecs, masks, raw))
-        return logits + embedded["wide"].sum(dim=1).float() if "wide" in embedded else logits
+        for key in ("wide", "hierarchy"):
+            if key in embedded:
+                logits = logits + embedded[key].sum(dim=1).float()
+        return logits
 
     def _logits_from_fused(self, fused: torch.Tensor) -> torch.Tensor:
         """Tower + head (+ cross head) on the fused vector: `forward`'s deep part, without the wide term."""
@@ -660,6 +731,9 @@ class AdPredictorNN(nn.Module):
             out["image"] = torch.randint(0, 256, (b, d["image_fields"], d["image_channels"], s, s),
                                          generator=g, dtype=torch.uint8)
             out["mask_image"] = torch.full((b,), "image" not in missing)
+        if d["group_cardinalities"]:
+            out["groups"] = torch.stack([torch.randint(2, max(c, 3), (b,), generator=g).clamp_max(c - 1)
+                                         for c in d["group_cardinalities"]], dim=1)
         out["label"] = torch.randint(0, 2, (b,), generator=g).float()
         out["weight"] = torch.ones(b)
         return {k: v.to(device) for k, v in out.items()}

@@ -1,7 +1,8 @@
 """Post-fit step `export`: the bundle, and `export/model.onnx` checked against torch with ONNX Runtime.
 
 The ONNX graph takes the AdBatch tensors as named inputs (num, cat, text, image, mask_*; only those
-the feature spec produces) with a dynamic batch axis. Temperature and Platt calibration are an
+the feature spec produces; `groups` only for a network with a hierarchy of random effects) with a
+dynamic batch axis. Temperature and Platt calibration are an
 affine map of the logit, so they are folded in and the graph outputs the calibrated probability;
 other calibrators (spline, isotonic, hierarchical, geospatial) stay outside: the graph outputs the
 logit and calibration.json is applied after it. An ensemble whose members share one feature
@@ -30,7 +31,7 @@ from within.postfit.context import PostfitContext, members_of, networks_of
 log = logging.getLogger(__name__)
 EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo", "torch._export")
 INPUT_KEYS = ("num", "cat", "text", "image", "mask_tabular", "mask_text", "mask_image", "text_emb", "ngram_ids",
-              "ngram_values")
+              "ngram_values", "groups")
 
 
 def _batch_size(batch: dict[str, torch.Tensor]) -> Any:
@@ -66,11 +67,17 @@ class ScoringGraph(nn.Module):
         k = int(np.ceil(trim_fraction * m)) if trim_fraction > 0 else 0
         self.trim = min(k, (m - 1) // 2)
         self.affine = affine
+        # group codes are an input only where a network reads them (its hierarchy of random effects)
+        self.uses_groups = any(getattr(net, "hierarchy", None) is not None for net in export_nets)
+
+    def input_keys(self, arrays: Any) -> list[str]:
+        """The AdBatch keys of `arrays` this graph takes, in INPUT_KEYS order."""
+        return [k for k in INPUT_KEYS if k in arrays and (k != "groups" or self.uses_groups)]
 
     def forward(self, num=None, cat=None, text=None, image=None, mask_tabular=None, mask_text=None, mask_image=None,
-                text_emb=None, ngram_ids=None, ngram_values=None):
+                text_emb=None, ngram_ids=None, ngram_values=None, groups=None):
         given = dict(zip(INPUT_KEYS, (num, cat, text, image, mask_tabular, mask_text, mask_image, text_emb, ngram_ids,
-                                      ngram_values)))
+                                      ngram_values, groups)))
         batch = {k: v for k, v in given.items() if v is not None}
         logits = torch.stack([net(batch) for net in self.nets], dim=1)
         if logits.shape[1] == 1:
@@ -143,7 +150,7 @@ def trace_and_check(scorer: ScoringGraph, output: str, arrays: dict[str, np.ndar
     torch on `check_rows` rows. Returns (the ONNX program, info with max_abs_diff)."""
     import onnxruntime as ort
 
-    keys = [k for k in INPUT_KEYS if k in arrays]
+    keys = scorer.input_keys(arrays)
     sample = {k: torch.as_tensor(arrays[k][:sample_rows]) for k in keys}
     if len(next(iter(sample.values()))) < 2:
         raise ValueError("export: need at least 2 sample rows to trace a dynamic batch axis")

@@ -47,6 +47,11 @@ class NNRecipe:
 
     def fit(self, run: TrainRun) -> FitResult:
         cfg = run.cfg
+        if privacy_enabled(cfg) and self.net.get("hierarchy"):  # before any data is loaded
+            raise ValueError(
+                "model.net.hierarchy does not run under DP-SGD (privacy=dp): its empirical-Bayes prior reads "
+                "per-group row counts outside the private gradient; set model.net.hierarchy=null or privacy=none"
+            )
         datamodule = run.data()
         datamodule.setup("fit")
         module, net_class, net_kwargs = self.build_module(cfg, datamodule.processor.input_dim)
@@ -79,7 +84,7 @@ class NNRecipe:
 
 
 def model_callbacks(net_cfg: DictConfig) -> list[L.Callback]:
-    """Callbacks the network's own settings call for (noise annealing, dropout tuning)."""
+    """Callbacks the network's own settings call for (noise annealing, dropout tuning, the hierarchy's prior)."""
     out: list[L.Callback] = []
     if net_cfg.get("enable_quantum_noise"):
         from within.lit.dynamics import NoiseAnnealing
@@ -89,6 +94,10 @@ def model_callbacks(net_cfg: DictConfig) -> list[L.Callback]:
         from within.lit.dynamics import AdaptiveDropoutTuner
 
         out.append(AdaptiveDropoutTuner())
+    if net_cfg.get("hierarchy"):
+        from within.lit.hierarchy import HierarchyPrior
+
+        out.append(HierarchyPrior())
     return out
 
 
