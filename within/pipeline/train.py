@@ -66,8 +66,12 @@ def calibrator_factory(cfg: DictConfig) -> Any:
 
 
 def run_train_job(cfg: DictConfig) -> float | None:
-    """train.py's entry: in a multirun sweep a crashed job is logged and scored NaN (a failed
-    trial for Optuna) instead of killing the whole sweep; a single run raises as usual."""
+    """train.py's entry. A single run raises as usual. In a multirun sweep a crashed job writes its
+    traceback to <job dir>/error.txt and then:
+    - under the Optuna sweeper, raises on: the sweeper records the trial as TrialState.FAIL and goes on
+      (hparams_search/optuna.yaml sets max_failure_rate: 1.0). A NaN return would not do: optuna 2.10's
+      `tell` fails the trial and raises, and the sweeper's second `tell` then ends the whole sweep;
+    - under Hydra's basic sweeper (a grid), returns NaN, which that sweeper would otherwise re-raise."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -83,7 +87,27 @@ def run_train_job(cfg: DictConfig) -> float | None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "error.txt").write_text(traceback.format_exc())
         log.exception("sweep job failed; recorded in %s/error.txt and the sweep goes on", out)
+        if is_optuna_sweep():
+            raise
         return float("nan")
+
+
+def is_optuna_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and "optuna" in str(HydraConfig.get().sweeper.get("_target_", "")).lower()
+
+
+def objective_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The sweep objective `optimized_metric` from the run's metrics; a name the run did not log is a
+    config error that lists the names it did log (else a sweep would optimise nothing)."""
+    objective = cfg.get("optimized_metric")
+    if not objective:
+        return None
+    if objective not in metrics:
+        names = ", ".join(sorted(k for k in metrics if k.startswith(("val/", "test/")))[:30])
+        raise ConfigError(f"optimized_metric: the run logged no {objective!r}; set it to one of: {names}")
+    return float(metrics[objective])
 
 
 def run_train(cfg: DictConfig, source: Any = None, init: Any = None) -> float | None:
@@ -123,8 +147,7 @@ def run_train(cfg: DictConfig, source: Any = None, init: Any = None) -> float | 
     finally:
         close_loggers(loggers)
     print(out_dir, flush=True)  # the last line: where everything is
-    objective = cfg.get("optimized_metric")
-    return ctx.metrics.get(objective) if objective else None
+    return objective_value(cfg, ctx.metrics)
 
 
 def version_history(init: Any, result: FitResult, out_dir: Path) -> list[dict[str, Any]]:
