@@ -176,3 +176,26 @@ def test_wandb_offline_run_resumes_under_the_same_id(tmp_path, monkeypatch):
         wandb.finish()
     assert ids[0] == ids[1] == run_dir_id(run)
     assert len(list((run / "wandb").glob(f"offline-run-*-{ids[0]}"))) == 2  # one W&B run, two attempts
+
+
+def test_single_run_directory_is_the_slurm_job_in_every_rank_and_after_a_requeue(tmp_path, monkeypatch):
+    """`python train.py trainer=ddp` under srun: each rank composes its own config, and a start-time name
+    would differ by a second between ranks (duplicate run directories) and after a requeue."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    stamp = compose_cfg("train", [], out_dir=tmp_path).hydra.run.dir.rsplit("/", 1)[-1]
+    assert len(stamp) == 19 and stamp[4] == "-" and stamp[10] == "_"  # YYYY-MM-DD_HH-MM-SS outside SLURM
+    dirs = set()
+    for rank in range(2):  # two ranks, then rank 0 again after a requeue
+        for key, value in {**SRUN_ENV, "SLURM_PROCID": str(rank)}.items():
+            monkeypatch.setenv(key, value)
+        GlobalHydra.instance().clear()
+        dirs.add(compose_cfg("train", [], out_dir=tmp_path).hydra.run.dir)
+    assert len(dirs) == 1 and dirs.pop().endswith("/train/runs/slurm-1234")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "1200")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert compose_cfg("train", [], out_dir=tmp_path).hydra.run.dir.endswith("/runs/slurm-1200_3")
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # srun --pty bash: one shell, many runs
+    assert "slurm-" not in compose_cfg("train", [], out_dir=tmp_path).hydra.run.dir

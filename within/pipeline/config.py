@@ -69,7 +69,26 @@ def launcher_setting(key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def run_stamp() -> str:
+    """`${within.run_stamp:}`: a single run's directory name. In a SLURM job step (srun: every DDP rank is
+    a task that composes its own config) `slurm-<job id>`, or `slurm-<array job>_<task>`: the same in
+    every rank, so they share one run directory, and the same again when SLURM requeues the job, so
+    ckpt_path=auto and the W&B run id pick it up. Elsewhere (and in an interactive `srun --pty bash`,
+    which Lightning does not treat as SLURM either) the start time, YYYY-MM-DD_HH-MM-SS."""
+    import datetime as dt
+
+    env = os.environ
+    job = env.get("SLURM_JOB_ID")
+    if env.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
+    if job and "SLURM_PROCID" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        return f"slurm-{job}"
+    return dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
 def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("within.run_stamp"):
+        OmegaConf.register_new_resolver("within.run_stamp", run_stamp, use_cache=True)
     if not OmegaConf.has_resolver("within.made_dir"):
         OmegaConf.register_new_resolver("within.made_dir", made_dir)
     if not OmegaConf.has_resolver("within.launcher"):
