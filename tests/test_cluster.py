@@ -199,3 +199,34 @@ def test_single_run_directory_is_the_slurm_job_in_every_rank_and_after_a_requeue
     assert compose_cfg("train", [], out_dir=tmp_path).hydra.run.dir.endswith("/runs/slurm-1200_3")
     monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # srun --pty bash: one shell, many runs
     assert "slurm-" not in compose_cfg("train", [], out_dir=tmp_path).hydra.run.dir
+
+
+def test_ddp_ranks_of_an_in_process_sweep_job_rerun_that_job_not_the_sweep(tmp_path, monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    from within.pipeline.train import ddp_ranks_join_this_job
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    compose_cfg("train", ["trainer=ddp_cpu", "model.net.hidden_dims=[8]"], out_dir=tmp_path)
+    hc = HydraConfig.get()
+    with read_write(hc), open_dict(hc):
+        hc.runtime.output_dir = str(tmp_path / "multiruns" / "t" / "0")
+    monkeypatch.setattr(sys, "argv", ["train.py", "-m", "trainer=ddp_cpu", "model.net.hidden_dims=[8],[16]"])
+    ddp_ranks_join_this_job()
+    # what Lightning's launcher re-runs for rank 1: this job's overrides as one run, in its directory
+    assert sys.argv == ["train.py", "trainer=ddp_cpu", "model.net.hidden_dims=[8]", "hydra.mode=RUN"]
+    assert HydraConfig.get().run.dir == str(tmp_path / "multiruns" / "t" / "0")
+
+
+@pytest.mark.slow
+def test_ddp_sweep_makes_one_directory_per_job(tmp_path):
+    res = _run_cli(["-m", "trainer=ddp_cpu", "model.net.hidden_dims=[8],[16]", "data.source.n=2000",
+                    "data.batch_size=256", "trainer.max_epochs=1", "postfit=[]", "logger=none",
+                    "extras.print_config=false"], tmp_path)
+    assert res.returncode == 0, res.stderr[-4000:]
+    sweeps = list((tmp_path / "outputs" / "train" / "multiruns").iterdir())
+    assert len(sweeps) == 1, sweeps  # rank 1 did not start a sweep of its own
+    assert sorted(p.name for p in sweeps[0].iterdir() if p.is_dir()) == ["0", "1"]
+    assert all((sweeps[0] / j / "bundle" / "model.safetensors").is_file() for j in ("0", "1"))
+    assert not (tmp_path / "outputs" / "train" / "runs").exists()

@@ -7,6 +7,8 @@ runs the post-fit steps and writes report/ and bundle/.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -78,7 +80,9 @@ def run_train_job(cfg: DictConfig) -> float | None:
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     if not multirun:
         return run_train(cfg)
+    argv, env = list(sys.argv), {k: os.environ.get(k) for k in DDP_ENV}
     try:
+        ddp_ranks_join_this_job()
         return run_train(cfg)
     except Exception:
         import traceback
@@ -90,6 +94,46 @@ def run_train_job(cfg: DictConfig) -> float | None:
         if is_optuna_sweep():
             raise
         return float("nan")
+    finally:
+        sys.argv = argv
+        end_process_group(env)
+
+
+# what Lightning's subprocess launcher writes into os.environ (lightning/fabric/strategies/launchers)
+DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def ddp_ranks_join_this_job() -> None:
+    """A sweep job run in-process (Hydra's basic launcher) that trains with DDP on one node: Lightning
+    starts ranks 1.. by re-running `sys.argv` plus `hydra.run.dir=<hydra.run.dir>`. That would be the
+    sweep command, `-m` included: each rank would start a sweep of its own, in a second sweep directory.
+    Here the ranks instead get this job's overrides as a single run, in this job's directory (so one
+    run directory per job). Under SLURM, srun starts the ranks and nothing is re-run. Under submitit's
+    launchers the job is not this process's `sys.argv`, so it is left alone."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    hc = HydraConfig.get()
+    if not str(hc.launcher.get("_target_", "")).endswith("BasicLauncher") or os.environ.get("LOCAL_RANK"):
+        return
+    sys.argv = [sys.argv[0], *hc.overrides.task, "hydra.mode=RUN"]
+    with read_write(hc), open_dict(hc):
+        hc.run.dir = hc.runtime.output_dir
+
+
+def end_process_group(env: dict[str, str | None]) -> None:
+    """The next sweep job in this process starts a fresh DDP world: the last job's process group goes,
+    and so do the variables Lightning's launcher set (with LOCAL_RANK left behind, the next job would
+    take its ranks as started from outside and wait for them forever)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def is_optuna_sweep() -> bool:
