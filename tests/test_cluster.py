@@ -91,7 +91,9 @@ def test_trainer_built_by_within_under_srun_uses_lightnings_slurm_environment(tm
     world size nodes x tasks, the global rank from SLURM_PROCID, the master on the first node.
     (accelerator=cpu so it builds here; the GPUs change the device, not the cluster environment.)"""
     from lightning.pytorch.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)  # the Trainer sets it to 5; restored after
     for key, value in SRUN_ENV.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
