@@ -44,7 +44,55 @@ def project_root() -> str:
     return str(here if (here / "conf").is_dir() else Path.cwd())
 
 
+def made_dir(path: str) -> str:
+    """`${within.made_dir:PATH}`: PATH, created when absent. Optuna opens its SQLite storage before any
+    job has made outputs/, and SQLite cannot create the folder the file goes in."""
+    from pathlib import Path
+
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def launcher_setting(key: str, default: Any = None) -> Any:
+    """`${within.launcher:KEY,DEFAULT}`: a submitit launcher's setting (nodes, tasks_per_node, ...) for
+    the trainer, so trainer=ddp's num_nodes and devices are the processes the launcher starts. Outside
+    a submitit launcher (a local run, Hydra's basic launcher), or where the launcher leaves KEY unset,
+    DEFAULT."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return default
+    launcher = HydraConfig.get().get("launcher") or {}
+    if "submitit" not in str(launcher.get("_target_", "")):
+        return default
+    value = launcher.get(key)
+    return default if value is None else value
+
+
+def run_stamp() -> str:
+    """`${within.run_stamp:}`: a single run's directory name. In a SLURM job step (srun: every DDP rank is
+    a task that composes its own config) `slurm-<job id>`, or `slurm-<array job>_<task>`: the same in
+    every rank, so they share one run directory, and the same again when SLURM requeues the job, so
+    ckpt_path=auto and the W&B run id pick it up. Elsewhere (and in an interactive `srun --pty bash`,
+    which Lightning does not treat as SLURM either) the start time, YYYY-MM-DD_HH-MM-SS."""
+    import datetime as dt
+
+    env = os.environ
+    job = env.get("SLURM_JOB_ID")
+    if env.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
+    if job and "SLURM_PROCID" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        return f"slurm-{job}"
+    return dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
 def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("within.run_stamp"):
+        OmegaConf.register_new_resolver("within.run_stamp", run_stamp, use_cache=True)
+    if not OmegaConf.has_resolver("within.made_dir"):
+        OmegaConf.register_new_resolver("within.made_dir", made_dir)
+    if not OmegaConf.has_resolver("within.launcher"):
+        OmegaConf.register_new_resolver("within.launcher", launcher_setting)
     if not OmegaConf.has_resolver("within.root"):
         # Not ${hydra:runtime.cwd}: the sweeper resolves sweep dirs before any job has a runtime.
         OmegaConf.register_new_resolver("within.root", project_root)

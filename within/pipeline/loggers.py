@@ -1,13 +1,15 @@
 """Loggers and callbacks from the config groups `logger:` and `callbacks:`.
 
-W&B: a resumed run reuses the run id saved beside the checkpoint's run (`wandb_run_id.txt`), so its
-curves continue in one W&B run; every run ends with `wandb.finish()`, so one crashed job in a sweep
-does not hang the next. With `logger=none`, callbacks that need a logger are dropped with a notice.
+W&B: a run's id is saved in its run directory (`wandb_run_id.txt`); a run resumed from a checkpoint
+reuses the id saved beside that checkpoint's run, so its curves continue in one W&B run. A new run's
+id is derived from its run directory's path, so every DDP rank and a requeued cluster job (same run
+directory, ckpt_path=auto) agree on it without talking to each other; only rank 0 writes the file.
+Every run ends with `wandb.finish()`, so one crashed job in a sweep does not hang the next. With `logger=none`, callbacks that need a logger are dropped with a notice.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
-import random
 import string
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,8 @@ def instantiate_group(node: DictConfig | None) -> list[Any]:
 
 
 def wandb_run_id(ckpt_path: str | None, out_dir: Path) -> str:
-    """The W&B run id of the run being resumed, or of this run directory, or a new one."""
+    """The W&B run id of the run being resumed, or the one saved in this run directory, or the one
+    derived from this run directory's absolute path (8 lowercase letters and digits, W&B's own shape)."""
     if ckpt_path:
         saved = Path(ckpt_path).resolve().parents[1] / WANDB_ID_FILE
         if saved.is_file():
@@ -36,15 +39,29 @@ def wandb_run_id(ckpt_path: str | None, out_dir: Path) -> str:
     saved = out_dir / WANDB_ID_FILE
     if saved.is_file():
         return saved.read_text().strip()
-    # W&B's own id shape (8 lowercase letters and digits); SystemRandom leaves the seeded RNGs alone
-    return "".join(random.SystemRandom().choices(string.ascii_lowercase + string.digits, k=8))
+    return run_dir_id(out_dir)
+
+
+def run_dir_id(out_dir: Path, k: int = 8) -> str:
+    """A stable id for a run directory: base-36 digits of the SHA-256 of its absolute path. Run
+    directories carry their start time to the second, so two runs share one only if they share a path."""
+    alphabet = string.digits + string.ascii_lowercase
+    n = int.from_bytes(hashlib.sha256(str(Path(out_dir).resolve()).encode()).digest(), "big")
+    chars = []
+    for _ in range(k):
+        n, r = divmod(n, 36)
+        chars.append(alphabet[r])
+    return "".join(chars)
 
 
 def build_loggers(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> list[Any]:
     if cfg.get("logger") and "wandb" in cfg.logger:
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
         run_id = wandb_run_id(ckpt_path, out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / WANDB_ID_FILE).write_text(run_id)
+        if getattr(rank_zero_only, "rank", 0) == 0:  # the other ranks derive the same id
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / WANDB_ID_FILE).write_text(run_id)
         with open_dict(cfg):
             cfg.logger.wandb.id = run_id
             cfg.logger.wandb.resume = "allow"

@@ -7,6 +7,8 @@ runs the post-fit steps and writes report/ and bundle/.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -66,15 +68,21 @@ def calibrator_factory(cfg: DictConfig) -> Any:
 
 
 def run_train_job(cfg: DictConfig) -> float | None:
-    """train.py's entry: in a multirun sweep a crashed job is logged and scored NaN (a failed
-    trial for Optuna) instead of killing the whole sweep; a single run raises as usual."""
+    """train.py's entry. A single run raises as usual. In a multirun sweep a crashed job writes its
+    traceback to <job dir>/error.txt and then:
+    - under the Optuna sweeper, raises on: the sweeper records the trial as TrialState.FAIL and goes on
+      (hparams_search/optuna.yaml sets max_failure_rate: 1.0). A NaN return would not do: optuna 2.10's
+      `tell` fails the trial and raises, and the sweeper's second `tell` then ends the whole sweep;
+    - under Hydra's basic sweeper (a grid), returns NaN, which that sweeper would otherwise re-raise."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     if not multirun:
         return run_train(cfg)
+    argv, env = list(sys.argv), {k: os.environ.get(k) for k in DDP_ENV}
     try:
+        ddp_ranks_join_this_job()
         return run_train(cfg)
     except Exception:
         import traceback
@@ -83,7 +91,67 @@ def run_train_job(cfg: DictConfig) -> float | None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "error.txt").write_text(traceback.format_exc())
         log.exception("sweep job failed; recorded in %s/error.txt and the sweep goes on", out)
+        if is_optuna_sweep():
+            raise
         return float("nan")
+    finally:
+        sys.argv = argv
+        end_process_group(env)
+
+
+# what Lightning's subprocess launcher writes into os.environ (lightning/fabric/strategies/launchers)
+DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def ddp_ranks_join_this_job() -> None:
+    """A sweep job run in-process (Hydra's basic launcher) that trains with DDP on one node: Lightning
+    starts ranks 1.. by re-running `sys.argv` plus `hydra.run.dir=<hydra.run.dir>`. That would be the
+    sweep command, `-m` included: each rank would start a sweep of its own, in a second sweep directory.
+    Here the ranks instead get this job's overrides as a single run, in this job's directory (so one
+    run directory per job). Under SLURM, srun starts the ranks and nothing is re-run. Under submitit's
+    launchers the job is not this process's `sys.argv`, so it is left alone."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    hc = HydraConfig.get()
+    if not str(hc.launcher.get("_target_", "")).endswith("BasicLauncher") or os.environ.get("LOCAL_RANK"):
+        return
+    sys.argv = [sys.argv[0], *hc.overrides.task, "hydra.mode=RUN"]
+    with read_write(hc), open_dict(hc):
+        hc.run.dir = hc.runtime.output_dir
+
+
+def end_process_group(env: dict[str, str | None]) -> None:
+    """The next sweep job in this process starts a fresh DDP world: the last job's process group goes,
+    and so do the variables Lightning's launcher set (with LOCAL_RANK left behind, the next job would
+    take its ranks as started from outside and wait for them forever)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def is_optuna_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and "optuna" in str(HydraConfig.get().sweeper.get("_target_", "")).lower()
+
+
+def objective_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The sweep objective `optimized_metric` from the run's metrics; a name the run did not log is a
+    config error that lists the names it did log (else a sweep would optimise nothing)."""
+    objective = cfg.get("optimized_metric")
+    if not objective:
+        return None
+    if objective not in metrics:
+        names = ", ".join(sorted(k for k in metrics if k.startswith(("val/", "test/")))[:30])
+        raise ConfigError(f"optimized_metric: the run logged no {objective!r}; set it to one of: {names}")
+    return float(metrics[objective])
 
 
 def run_train(cfg: DictConfig, source: Any = None, init: Any = None) -> float | None:
@@ -123,8 +191,7 @@ def run_train(cfg: DictConfig, source: Any = None, init: Any = None) -> float | 
     finally:
         close_loggers(loggers)
     print(out_dir, flush=True)  # the last line: where everything is
-    objective = cfg.get("optimized_metric")
-    return ctx.metrics.get(objective) if objective else None
+    return objective_value(cfg, ctx.metrics)
 
 
 def version_history(init: Any, result: FitResult, out_dir: Path) -> list[dict[str, Any]]:
