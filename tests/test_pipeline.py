@@ -46,7 +46,8 @@ def test_bf16_mixed_precision_on_cpu(tmp_path):
 
 def test_run_writes_bundle_and_report(trained):
     for rel in ("bundle/model.safetensors", "bundle/spec.json", "bundle/metadata.json", "bundle/calibration.json",
-                "report/metrics.json", "report/report.md", "report/reliability.png", "report/training_curve.png",
+                "report/metrics.json", "report/report.md", "report/index.html", "report/reliability.png",
+                "report/training_curve.png",
                 "checkpoints/last.ckpt"):
         assert (trained / rel).is_file(), rel
     metrics = json.loads((trained / "report" / "metrics.json").read_text())
