@@ -19,7 +19,9 @@ import csv
 import dataclasses
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -120,8 +122,27 @@ def read_chunks(path: Path, columns: Sequence[str], spec: Any, batch_rows: int) 
     return iter(reader), None
 
 
-def decode_images(column: Any, f: Any) -> list[Any]:
-    """An image column as the encoder's values: raw uint8 bytes -> (C, S, S) arrays; a path stays a str."""
+def image_block(column: Any, shape: tuple[int, int, int]) -> np.ndarray | None:
+    """A binary column of equal-length images without nulls as one read-only uint8 array [n, C, S, S]
+    over pyarrow's own buffer (no per-row bytes objects); None when some row is null or of another length."""
+    import pyarrow as pa
+
+    kind = column.type
+    if column.null_count or not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+        return None
+    size = int(np.prod(shape))
+    width = np.int64 if pa.types.is_large_binary(kind) else np.int32
+    _, offsets_buf, data_buf = column.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=width)[column.offset: column.offset + len(column) + 1]
+    if not len(column) or np.any(np.diff(offsets) != size):
+        return None
+    data = np.frombuffer(data_buf, dtype=np.uint8)[int(offsets[0]): int(offsets[-1])]
+    return data.reshape(len(column), *shape)
+
+
+def decode_images(column: Any, f: Any) -> Any:
+    """An image column as the encoder's values: raw uint8 bytes -> one [n, C, S, S] block (or, with nulls,
+    a list of (C, S, S) arrays and None); a path stays a str."""
     import pyarrow as pa
 
     kind = column.type
@@ -131,6 +152,9 @@ def decode_images(column: Any, f: Any) -> list[Any]:
         raise FeatureError(f"field '{f.name}': an image column holds {kind}; store each image as its raw uint8 bytes "
                            f"({f.channels}x{f.size}x{f.size}, channels first) or as an image file path")
     shape, size = (f.channels, f.size, f.size), f.channels * f.size * f.size
+    block = image_block(column, shape)
+    if block is not None:
+        return block
     values = column.to_pylist()
     out: list[Any] = []
     for i, b in enumerate(values):
@@ -144,10 +168,11 @@ def decode_images(column: Any, f: Any) -> list[Any]:
     return out
 
 
-def chunk_columns(batch: Any, spec: Any) -> dict[str, list]:
-    """A RecordBatch as {column: list of Python values}: the columnar batch the encoder reads."""
+def chunk_columns(batch: Any, spec: Any) -> dict[str, Any]:
+    """A RecordBatch as {column: list of Python values} (images: one array block where they allow it):
+    the columnar batch the encoder reads."""
     images = {f.name: f for f in spec.image}
-    out: dict[str, list] = {}
+    out: dict[str, Any] = {}
     for name, column in zip(batch.schema.names, batch.columns):
         out[name] = decode_images(column, images[name]) if name in images else column.to_pylist()
     return out
@@ -192,7 +217,8 @@ class ChunkScorer:
             return {SCORE: self.scorer.predict_columns(columns)}
         import pandas as pd
 
-        frame = pd.DataFrame(columns)
+        frame = pd.DataFrame({k: (list(v) if isinstance(v, np.ndarray) and v.ndim > 1 else v)  # images: one per row
+                              for k, v in columns.items()})
         if intervals:
             p, lo, hi = self.model.predict_with_intervals(frame, alpha=alpha)
             return {SCORE: np.asarray(p), LOWER: np.asarray(lo), UPPER: np.asarray(hi)}
@@ -225,7 +251,8 @@ class _Writer:
 
 def predict_file(bundle: str | Path, input: str | Path, output: str | Path, id_column: str | None = None,
                  intervals: bool = False, alpha: float = 0.1, batch_rows: int = 65536, engine: str = "onnx",
-                 threads: int = 1, progress: bool = True, scorer: ChunkScorer | None = None) -> BatchResult:
+                 threads: int = 1, workers: int = 2, progress: bool = True,
+                 scorer: ChunkScorer | None = None) -> BatchResult:
     """Score every row of `input` (parquet or CSV) with `bundle`; write `output` (parquet or CSV)
     with the id column (when given), `score`, and `lower` / `upper` with `intervals`.
     `scorer`: a ChunkScorer already loaded (a benchmark reuses one across runs)."""
@@ -250,25 +277,49 @@ def predict_file(bundle: str | Path, input: str | Path, output: str | Path, id_c
                            "(postfit: [calibrate, intervals, ..., export]), or pass intervals=false")
     spec = scorer.spec
     columns = check_columns(input, spec, file_columns(input), scorer.extra_columns, id_column)
+    if int(workers) < 1:
+        raise FeatureError(f"workers: must be >= 1, got {workers}")
     start = time.perf_counter()
     chunks, total = read_chunks(input, columns, spec, int(batch_rows))
-    writer, rows = _Writer(output), 0
+
+    def score(batch: Any, first: int) -> Any:
+        try:
+            scores = scorer(chunk_columns(batch, spec), intervals, float(alpha))
+        except FeatureError as err:
+            raise FeatureError(f"{err} (in rows {first}-{first + batch.num_rows - 1} of {input})") from None
+        out = {id_column: batch.column(id_column)} if id_column else {}
+        out.update({k: pa.array(v, type=pa.float64()) for k, v in scores.items()})
+        return pa.table(out)
+
+    writer, rows, read = _Writer(output), 0, 0
     bar = _progress(progress, total, input.name)
+    pending: deque[Any] = deque()
+
+    def write_next() -> None:
+        nonlocal rows
+        table = pending.popleft().result()
+        writer.write(table)
+        rows += table.num_rows
+        if bar is not None:
+            bar[0].update(bar[1], advance=table.num_rows)
+
+    # chunks are scored by `workers` threads in file order: one thread's Python encoding overlaps another's
+    # ONNX Runtime call (which releases the GIL), so two cores stay busy with one intra-op thread each
     try:
-        for batch in chunks:
-            if batch.num_rows == 0:
-                continue
-            cols = chunk_columns(batch, spec)
+        with ThreadPoolExecutor(max_workers=int(workers)) as pool:
             try:
-                scores = scorer(cols, intervals, float(alpha))
-            except FeatureError as err:
-                raise FeatureError(f"{err} (in rows {rows}-{rows + batch.num_rows - 1} of {input})") from None
-            out = {id_column: batch.column(id_column)} if id_column else {}
-            out.update({k: pa.array(v, type=pa.float64()) for k, v in scores.items()})
-            writer.write(pa.table(out))
-            rows += batch.num_rows
-            if bar is not None:
-                bar[0].update(bar[1], advance=batch.num_rows)
+                for batch in chunks:
+                    if batch.num_rows == 0:
+                        continue
+                    pending.append(pool.submit(score, batch, read))
+                    read += batch.num_rows
+                    if len(pending) > int(workers):
+                        write_next()
+                while pending:
+                    write_next()
+            finally:
+                for job in pending:
+                    job.cancel()
     finally:
         writer.close()
         if bar is not None:
@@ -314,7 +365,8 @@ def run_predict(cfg: Any) -> dict[str, Any]:
     result = predict_file(cfg["bundle"], cfg["input"], cfg["output"], id_column=cfg.get("id_column"),
                           intervals=bool(cfg.get("intervals", False)), alpha=float(cfg.get("alpha", 0.1)),
                           batch_rows=int(cfg.get("batch_rows", 65536)), engine=str(cfg.get("engine", "onnx")),
-                          threads=int(cfg.get("threads", 1)), progress=bool(cfg.get("progress", True)))
+                          threads=int(cfg.get("threads", 1)), workers=int(cfg.get("workers", 2)),
+                          progress=bool(cfg.get("progress", True)))
     summary = result.summary()
     print(json.dumps(summary), flush=True)
     return summary
