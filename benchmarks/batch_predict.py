@@ -25,7 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import load_average, machine, parser, repo_path, train_bundle, write_json, write_markdown
+from benchmarks.common import (
+    load_average,
+    machine,
+    parser,
+    repo_path,
+    train_bundle,
+    write_json,
+    write_markdown,
+)
 
 NAME = "batch_predict"
 TARGET_ROWS_PER_S = 100_000
@@ -121,20 +129,20 @@ def markdown(result: dict[str, Any]) -> str:
     r = result["result"]
     stages = r["stage_us_per_row"]
     lines = [
-        f"{r['rows']:,} simulator rows ({r['fields']} fields: {', '.join(r['field_types'])}) through predict.py, "
-        f"{result['machine']['cpus']} cores; load average before {result['load_before']}, after {result['load_after']}.",
+        (f"{r['rows']:,} simulator rows ({r['fields']} fields: {', '.join(r['field_types'])}) through predict.py, "
+        f"{result['machine']['cpus']} cores; load average before {result['load_before']}, after {result['load_after']}."),
         "",
         "| path | rows/s (median ± sd) | rows |",
         "|---|---|---|",
-        f"| ONNX record path, 2 workers x 1 thread | {r['fast_rows_per_s']['median']:,.0f} ± "
-        f"{r['fast_rows_per_s']['sd']:,.0f} | {r['rows']:,} |",
+        (f"| ONNX record path, 2 workers x 1 thread | {r['fast_rows_per_s']['median']:,.0f} ± "
+        f"{r['fast_rows_per_s']['sd']:,.0f} | {r['rows']:,} |"),
         f"| ONNX record path, 1 worker | {r['fast_one_worker_rows_per_s']:,.0f} | {r['rows']:,} |",
-        f"| torch eager (`model.predict` per chunk) | {r['eager_rows_per_s']['median']:,.0f} ± "
-        f"{r['eager_rows_per_s']['sd']:,.0f} | {r['eager_rows']:,} |",
+        (f"| torch eager (`model.predict` per chunk) | {r['eager_rows_per_s']['median']:,.0f} ± "
+        f"{r['eager_rows_per_s']['sd']:,.0f} | {r['eager_rows']:,} |"),
         "",
-        f"Speed-up of the record path over torch eager: **{r['speedup']:.2f}x** (same run); scores agree to "
+        (f"Speed-up of the record path over torch eager: **{r['speedup']:.2f}x** (same run); scores agree to "
         f"{r['max_abs_diff']:.1e}. Target {r['target_rows_per_s']:,} rows/s: "
-        f"{'met' if r['meets_target'] else 'not met'}.",
+        f"{'met' if r['meets_target'] else 'not met'}."),
         "",
         "Where a row's time goes (one 65,536-row chunk, one thread, microseconds per row): "
         + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in stages.items()) + ".",
