@@ -61,6 +61,7 @@ def test_evaluate_reproduces_train_metrics(trained, tmp_path):
     cfg = compose_cfg("evaluate", [f"bundle={trained / 'bundle'}", f"data.source.n={TRAINED_ROWS}"], out_dir=tmp_path)
     metrics = run_evaluate(cfg)
     assert set(metrics) <= set(train_metrics)
+    assert "id=\"reliability\"" in (tmp_path / "report" / "index.html").read_text()  # evaluate.py's report too
     for key, value in metrics.items():
         assert value == pytest.approx(train_metrics[key], abs=1e-6), key
 
