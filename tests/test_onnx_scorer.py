@@ -121,3 +121,23 @@ def test_affine_of_reads_the_calibrators_own_map():
     assert affine_of(p) == pytest.approx((p.slope_, p.bias_))
     assert affine_of(SplineCalibrator().fit(s, y)) is None
     assert affine_of(None) is None
+
+
+def test_slices_and_an_image_block_give_the_same_scores(multimodal):
+    """A batch over run_rows runs in slices; images as one [n, C, S, S] block (how predict.py reads a
+    parquet file) encode as the per-row arrays do."""
+    model, scorer, graph = multimodal
+    df = frame(50, seed=8)
+    want = model.predict(df)
+    sliced = OnnxScorer([graph], scorer.encoder, calibrator=model.calibrator,
+                        intervals=model.intervals, group_names=scorer.group_names, run_rows=7)
+    columns = {name: df[name].tolist() for name in df.columns}
+    np.testing.assert_allclose(sliced.predict_columns(columns), want, atol=ATOL, rtol=0)
+    block = {**columns, "main_image": np.stack([np.asarray(v, dtype=np.uint8) for v in df["main_image"]])}
+    arrays = scorer.encoder.encode_columns(block)
+    np.testing.assert_array_equal(arrays["image"], scorer.encoder.encode_columns(columns)["image"])
+    np.testing.assert_allclose(sliced.predict_columns(block), want, atol=ATOL, rtol=0)
+    with pytest.raises(FeatureError, match="field 'main_image': an image block of shape"):
+        scorer.encoder.encode_columns({**columns, "main_image": block["main_image"][:, :, :8]})
+    with pytest.raises(ValueError, match="run_rows: must be >= 1"):
+        OnnxScorer([graph], scorer.encoder, run_rows=0)

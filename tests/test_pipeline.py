@@ -46,7 +46,8 @@ def test_bf16_mixed_precision_on_cpu(tmp_path):
 
 def test_run_writes_bundle_and_report(trained):
     for rel in ("bundle/model.safetensors", "bundle/spec.json", "bundle/metadata.json", "bundle/calibration.json",
-                "report/metrics.json", "report/report.md", "report/reliability.png", "report/training_curve.png",
+                "report/metrics.json", "report/report.md", "report/index.html", "report/reliability.png",
+                "report/training_curve.png",
                 "checkpoints/last.ckpt"):
         assert (trained / rel).is_file(), rel
     metrics = json.loads((trained / "report" / "metrics.json").read_text())
@@ -60,6 +61,7 @@ def test_evaluate_reproduces_train_metrics(trained, tmp_path):
     cfg = compose_cfg("evaluate", [f"bundle={trained / 'bundle'}", f"data.source.n={TRAINED_ROWS}"], out_dir=tmp_path)
     metrics = run_evaluate(cfg)
     assert set(metrics) <= set(train_metrics)
+    assert "id=\"reliability\"" in (tmp_path / "report" / "index.html").read_text()  # evaluate.py's report too
     for key, value in metrics.items():
         assert value == pytest.approx(train_metrics[key], abs=1e-6), key
 

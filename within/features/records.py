@@ -33,8 +33,8 @@ from within.features.processor import (
     MISSING_TOKEN,
     OOV,
     FeatureProcessor,
-    to_uint8_image,
     hash_tokens,
+    to_uint8_image,
 )
 from within.features.spec import FeatureError, FieldSpec
 
@@ -207,7 +207,11 @@ class RecordEncoder:
         out = {}
         for name in names:
             values = columns.get(name)
-            out[name] = [_ABSENT] * n if values is None else (values.tolist() if hasattr(values, "tolist") else list(values))
+            if isinstance(values, np.ndarray) and values.ndim > 1:
+                out[name] = values  # a block of images [n, C, S, S]: read as one array, not n nested lists
+            else:
+                out[name] = [_ABSENT] * n if values is None else (
+                    values.tolist() if hasattr(values, "tolist") else list(values))
         return out, n
 
     # ---- encoding -----------------------------------------------------------------------
@@ -331,14 +335,22 @@ class RecordEncoder:
         return out
 
     def _encode_text(self, columns: Mapping[str, list], n: int) -> dict[str, np.ndarray]:
+        """Token ids [n, fields, max_tokens]; each distinct string is tokenized once per call (the rows
+        of one ad repeat its headline) and its ids are gathered into every row that holds it."""
         fields = self._text
-        ids = np.zeros((n, len(fields), max(f.max_tokens for f in fields)), dtype=np.int64)
+        width = max(f.max_tokens for f in fields)
+        ids = np.zeros((n, len(fields), width), dtype=np.int64)
         present = np.zeros(n, dtype=bool)
         for k, f in enumerate(fields):
-            for i, text in enumerate(self._text_values(f, columns[f.name], n)):
+            lut: dict[str | None, int] = {None: 0}
+            codes = np.fromiter((lut.setdefault(t, len(lut)) for t in self._text_values(f, columns[f.name], n)),
+                                dtype=np.int64, count=n)
+            table = np.zeros((len(lut), width), dtype=np.int64)
+            for text, j in lut.items():
                 if text is not None:
-                    ids[i, k, : f.max_tokens] = self._tokens(text, f.max_tokens, f.n_buckets)
-                    present[i] = True
+                    table[j, : f.max_tokens] = self._tokens(text, f.max_tokens, f.n_buckets)
+            ids[:, k] = table[codes]
+            present |= codes != 0
         return {"text": ids, "mask_text": present}
 
     def _encode_embedded(self, columns: Mapping[str, list], n: int) -> dict[str, np.ndarray]:
@@ -358,11 +370,23 @@ class RecordEncoder:
     def _encode_images(self, columns: Mapping[str, list], n: int) -> dict[str, np.ndarray]:
         fields = self._image
         c, s = fields[0].channels, fields[0].size
+        block = columns[fields[0].name]
+        if len(fields) == 1 and isinstance(block, np.ndarray) and block.ndim == 4 and block.dtype == np.uint8 \
+                and block.shape[1:] == (c, s, s) and block.flags.c_contiguous:
+            return {"image": block[:, None], "mask_image": np.ones(n, dtype=bool)}  # a view: no copy of the pixels
         out = np.zeros((n, len(fields), c, s, s), dtype=np.uint8)
         present = np.zeros(n, dtype=bool)
         seen: dict[int, np.ndarray] = {}  # one creative object shared by many rows is checked once
         for k, f in enumerate(fields):
-            for i, v in enumerate(columns[f.name]):
+            values = columns[f.name]
+            if isinstance(values, np.ndarray) and values.ndim == 4:  # a block of images, one per row
+                if values.shape[1:] != (f.channels, f.size, f.size) or values.dtype != np.uint8:
+                    raise FeatureError(f"field '{f.name}': an image block of shape {values.shape[1:]} and dtype "
+                                       f"{values.dtype}; expected uint8 ({f.channels}, {f.size}, {f.size}) per row")
+                out[:, k] = values
+                present[:] = True
+                continue
+            for i, v in enumerate(values):
                 if _is_missing(v):
                     continue
                 image = seen.get(id(v))

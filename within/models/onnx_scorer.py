@@ -87,6 +87,8 @@ class OnnxScorer:
         aggregate: member logits [N, M] -> logits [N]; needed with several graphs.
         group_names: raw columns the calibrator keys on (group fields and its required columns).
         threads: ONNX Runtime intra-op threads.
+        run_rows: most rows per ONNX Runtime call; a larger batch runs in slices of this many rows
+            (the activations of a slice stay in cache: 2,048 rows run ~2x faster per row than 65,536).
 
     Inputs everywhere: one record dict (-> float), a list of record dicts or a DataFrame
     (-> arrays); `*_columns` methods take a columnar batch {field: values}.
@@ -101,6 +103,7 @@ class OnnxScorer:
         aggregate: Callable[[np.ndarray], np.ndarray] | None = None,
         group_names: Sequence[str] = (),
         threads: int = 1,
+        run_rows: int = 2048,
     ) -> None:
         if not graphs:
             raise ValueError("OnnxScorer.graphs: empty; pass the model's ONNX graph (or one per ensemble member)")
@@ -111,6 +114,9 @@ class OnnxScorer:
         self.intervals = intervals
         self.aggregate = aggregate
         self.group_names = list(group_names)
+        if int(run_rows) < 1:
+            raise ValueError(f"OnnxScorer.run_rows: must be >= 1, got {run_rows}")
+        self.run_rows = int(run_rows)
         self.sessions = [make_session(g, threads) for g in graphs]
         self.output = self.sessions[0].get_outputs()[0].name
         if self.output not in OUTPUTS:
@@ -176,7 +182,7 @@ class OnnxScorer:
     def _scores(self, columns: Mapping[str, list], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(logits [N], probabilities [N], member logits [N, M] or None) for checked columns."""
         arrays = self.encoder.encode_checked(columns, n)
-        outs = [s.run(None, {k: arrays[k] for k in keys})[0] for s, keys in zip(self.sessions, self._inputs)]
+        outs = [self._run(s, keys, arrays, n) for s, keys in zip(self.sessions, self._inputs)]
         members = None
         if len(outs) > 1:
             members = np.stack([o.astype(np.float64).reshape(-1) for o in outs], axis=1)
@@ -193,6 +199,13 @@ class OnnxScorer:
         groups = self.encoder.raw_columns(columns, self.group_names) or None
         p = np.asarray(self.calibrator.transform(logits, groups=groups), dtype=np.float64)
         return logits, p, members
+
+    def _run(self, session: Any, keys: Sequence[str], arrays: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+        step = self.run_rows
+        if n <= step:
+            return session.run(None, {k: arrays[k] for k in keys})[0]
+        return np.concatenate([session.run(None, {k: arrays[k][i:i + step] for k in keys})[0]
+                               for i in range(0, n, step)])
 
     def predict_logits(self, X: Any) -> np.ndarray:
         """Uncalibrated (aggregated) logits [N]."""

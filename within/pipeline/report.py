@@ -1,7 +1,8 @@
-"""Scoring a model on a frame, and the run report: metrics.json, report.md and PNG plots.
+"""Scoring a model on a frame, and the run report: metrics.json, report.md, index.html and PNG plots.
 
 train.py and evaluate.py both write the test report through `write_test_report` (and score through
-`score_frame`), so their numbers agree exactly.
+`score_frame`), so their numbers agree exactly. `write_report_pages` writes report.md and its
+self-contained HTML twin, index.html (within/pipeline/html_report.py), from the same content.
 """
 from __future__ import annotations
 
@@ -57,11 +58,29 @@ def write_test_report(model: Any, frame: pd.DataFrame, report_dir: Path, split: 
     plot_reliability(curves, y, report_dir / "reliability.png", truth=truth, weight=weight)
     if history:
         plot_training_curve(history, report_dir / "training_curve.png")
+    plot_region_map(getattr(model, "calibrator", None), report_dir / "region_map.png")
     if extra_metrics is not None:
         out.update(extra_metrics(frame))
     write_metrics(out, report_dir)
-    write_markdown(report_dir, out, extra=sections(out) if sections is not None else None)
+    write_report_pages(report_dir, out, extra=sections(out) if sections is not None else None)
     return scored
+
+
+def write_report_pages(report_dir: Path, metrics: dict[str, float], extra: dict[str, Any] | None = None) -> Path:
+    """report.md and index.html (the same sections; the HTML with its plots inlined); returns index.html."""
+    from within.pipeline.html_report import write_html_report
+
+    write_markdown(report_dir, metrics, extra=extra)
+    return write_html_report(report_dir, metrics, extra=extra)
+
+
+def plot_region_map(calibrator: Any, path: Path) -> Path | None:
+    """The geospatial calibrator's region map (GeospatialCalibrator.plot_region_map), when the model
+    has one fitted with latitude / longitude; else None (and no file)."""
+    draw = getattr(calibrator, "plot_region_map", None)
+    if draw is None or getattr(calibrator, "region_lat_", None) is None:
+        return None
+    return Path(draw(path))
 
 
 def write_metrics(metrics: dict[str, float], report_dir: Path) -> Path:

@@ -22,7 +22,7 @@ from within.pipeline.bundle import write_bundle
 from within.pipeline.config import ConfigError, register_resolvers, validate_config
 from within.pipeline.loggers import build_loggers, close_loggers
 from within.pipeline.recipe import FitResult, Recipe, TrainRun
-from within.pipeline.report import write_markdown, write_metrics, write_test_report
+from within.pipeline.report import write_metrics, write_report_pages, write_test_report
 from within.postfit import (
     PostfitContext,
     check_steps,
@@ -246,5 +246,5 @@ def finish(cfg: DictConfig, result: FitResult, out_dir: Path, loggers: list[Any]
     write_bundle(ctx)
     # the final word: every step's status, and the metrics steps added after the test scoring
     write_metrics(ctx.metrics, ctx.report_dir)
-    write_markdown(ctx.report_dir, ctx.metrics, extra=sections(ctx.metrics))
+    write_report_pages(ctx.report_dir, ctx.metrics, extra=sections(ctx.metrics))
     return ctx
