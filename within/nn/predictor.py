@@ -178,6 +178,9 @@ class AdPredictorNN(nn.Module):
             statistics unchanged), for the same reason; valid only where a creative's effect does
             not depend on where its elements sit. None: as input_dim["image_augment"] says (set by
             image fields with `augment: true` in the feature spec).
+        sparse_embeddings: the categorical and wide tables get sparse gradients (only the rows a
+            batch touches); AdScoreModule then steps them with SparseAdam beside the configured
+            optimizer (docs/throughput.md). Not with dp_compatible (Opacus needs dense gradients).
     """
 
     def __init__(
@@ -203,6 +206,7 @@ class AdPredictorNN(nn.Module):
         text_token_dropout: float = 0.0,
         image_augment: bool | None = None,
         cross_layers: int = 0,
+        sparse_embeddings: bool = False,
     ) -> None:
         super().__init__()
         self.input_dim = _normalise_input_dim(input_dim)
@@ -216,6 +220,10 @@ class AdPredictorNN(nn.Module):
         self.image_augment = d["image_augment"] if image_augment is None else bool(image_augment)
         self.use_cross_modal = bool(use_cross_modal)
         self.hidden_dims = hidden_dims
+        self.sparse_embeddings = bool(sparse_embeddings)
+        if self.sparse_embeddings and self.dp_compatible:
+            raise ValueError("sparse_embeddings=true needs dense gradients under DP-SGD; set "
+                             "model.net.sparse_embeddings=false with privacy=dp")
         cards = d["cat_cardinalities"]
         self.n_cat = len(cards)
 
@@ -223,7 +231,8 @@ class AdPredictorNN(nn.Module):
         vec_dims: dict[str, int] = {}
         fused_dim = 0
         if cards or d["n_num"]:
-            self.tabular = TabularEncoder(cards, d["n_num"], tabular_dim, embedding_dim, d["cat_embedding_dims"])
+            self.tabular = TabularEncoder(cards, d["n_num"], tabular_dim, embedding_dim, d["cat_embedding_dims"],
+                                          sparse=self.sparse_embeddings)
             self.modalities.append("tabular")
             vec_dims["tabular"] = tabular_dim
             fused_dim += self.tabular.raw_dim
@@ -309,7 +318,7 @@ class AdPredictorNN(nn.Module):
 
         self.wide = None
         if use_wide and cards:
-            self.wide = nn.Embedding(sum(cards), 1)
+            self.wide = nn.Embedding(sum(cards), 1, sparse=self.sparse_embeddings)
             nn.init.zeros_(self.wide.weight)
             offsets = torch.tensor([0] + cards[:-1], dtype=torch.long).cumsum(0)
             self.register_buffer("wide_offsets", offsets, persistent=False)
