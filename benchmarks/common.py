@@ -231,3 +231,20 @@ def sample_records(model: Any, data: str, n: int, seed: int = 0) -> list[dict[st
 
         df = simulate(n=n, seed=1000 + seed)
     return df[names].to_dict("records")
+
+
+def plain_epoch(net: Any, optimizer: Any, batches: Any) -> float:
+    """One epoch of a bare PyTorch loop (forward, binomial loss, backward, step): samples/s, the
+    ceiling the Lightning path is measured against."""
+    from within.lit.losses import binomial_logloss
+
+    net.train()
+    n, start = 0, time.perf_counter()
+    for batch in batches:
+        logits = net(batch).float()
+        loss = binomial_logloss(logits, batch["label"], batch["weight"]) / batch["weight"].sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n += len(logits)
+    return n / (time.perf_counter() - start)

@@ -24,7 +24,7 @@ import torch
 from hydra.utils import instantiate
 
 from benchmarks.common import compose, machine, parser, write_json
-from within.lit.losses import binomial_logloss
+from benchmarks.common import plain_epoch as run_plain_epoch
 from within.lit.module import AdScoreModule
 from within.models.network import NetworkModel
 from within.pipeline.data import build_datamodule
@@ -39,17 +39,7 @@ def make_net(cfg: Any, input_dim: dict) -> torch.nn.Module:
 
 def plain_epoch(cfg: Any, dm: Any) -> float:
     net = make_net(cfg, dm.processor.input_dim).train()
-    opt = instantiate(cfg.model.optimizer)(net.parameters())
-    n = 0
-    start = time.perf_counter()
-    for batch in dm.train_dataloader():
-        logits = net(batch).float()
-        loss = binomial_logloss(logits, batch["label"], batch["weight"]) / batch["weight"].sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        n += len(logits)
-    return n / (time.perf_counter() - start)
+    return run_plain_epoch(net, instantiate(cfg.model.optimizer)(net.parameters()), dm.train_dataloader())
 
 
 class EpochTimer(L.Callback):

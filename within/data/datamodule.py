@@ -2,6 +2,11 @@
 
 Batches are gathered whole from in-memory tensors (one index array per batch): per-row
 Dataset.__getitem__ + collate costs more than the model on CTR-sized rows.
+
+Above `stream_threshold` rows (or with `stream=true`) a source that can stream (the simulator, a
+Parquet file) is never materialised: train batches come from within/data/streaming.py, shard by
+shard, and only bounded slices (the processor's fitting sample, the first `stream_eval_rows` rows
+of val / calib / test) are held in memory.
 """
 from __future__ import annotations
 
@@ -188,6 +193,11 @@ class AdDataModule(L.LightningDataModule):
         poisson_sampling: bool = False,
         text_model: Mapping[str, Any] | str | None = None,
         drop_modality: Mapping[str, float] | None = None,
+        stream: bool | None = None,
+        stream_threshold: int = 2_000_000,
+        stream_eval_rows: int = 100_000,
+        stream_fit_rows: int = 131_072,
+        stream_buffer_shards: int = 4,
     ) -> None:
         super().__init__()
         if features is None and processor is None:
@@ -216,6 +226,30 @@ class AdDataModule(L.LightningDataModule):
         self.poisson_sampling = bool(poisson_sampling)
         # e.g. {text: 0.3, image: 0.3}: that share of train/val/calib rows lose the modality (ablations)
         self.drop_modality = dict(drop_modality or {})
+        # streaming (within/data/streaming.py): null = on when the source streams and has > stream_threshold rows
+        self.stream = None if stream is None else bool(stream)
+        self.stream_threshold, self.stream_eval_rows = int(stream_threshold), int(stream_eval_rows)
+        self.stream_fit_rows, self.stream_buffer_shards = int(stream_fit_rows), int(stream_buffer_shards)
+        self._rows: Any = None
+        self.stream_ranges: dict[str, tuple[int, int]] = {}
+
+    @property
+    def streaming(self) -> bool:
+        """Whether train rows stream (decided once, from `stream` and the source's row count)."""
+        if self.stream is False:
+            return False
+        if self._rows is None:
+            from within.data.streaming import row_source
+
+            self._rows = row_source(self.source) or False
+        if not self._rows:
+            if self.stream:
+                raise ValueError(
+                    "data.stream=true: this data.source cannot stream; streaming sources are the simulator "
+                    "(data=synthetic) and Parquet files (data=csv data.source.file=rows.parquet)"
+                )
+            return False
+        return bool(self.stream) or self._rows.n_rows > self.stream_threshold
 
     def load_frame(self) -> pd.DataFrame:
         df = self.source() if callable(self.source) else self.source
@@ -225,6 +259,8 @@ class AdDataModule(L.LightningDataModule):
 
     def split(self) -> dict[str, pd.DataFrame]:
         """Load, validate and split the rows, once (no tensors: what models without a processor need)."""
+        if not self.frames and self.streaming:
+            self.frames = self._stream_frames()
         if not self.frames:
             df = self.load_frame()
             self.spec.validate_frame(df, require_label=True)
@@ -236,21 +272,47 @@ class AdDataModule(L.LightningDataModule):
             self.frames = frames
         return self.frames
 
+    def _stream_frames(self) -> dict[str, pd.DataFrame]:
+        from within.data.streaming import split_ranges, stream_splits
+
+        if self.split_method != "time":
+            raise ValueError(f"data.split.method={self.split_method}: streamed rows split by position (time order); "
+                             "set data.split.method=time or data.stream=false")
+        if self.drop_modality or self.poisson_sampling:
+            key = "data.drop_modality" if self.drop_modality else "data.poisson_sampling (privacy=dp)"
+            raise ValueError(f"{key} needs the rows in memory; set data.stream=false")
+        self.stream_ranges = split_ranges(self._rows.n_rows, self.val_frac, self.calib_frac, self.test_frac)
+        frames = stream_splits(self._rows, self.stream_ranges, self.stream_eval_rows, self.stream_fit_rows)
+        for frame in frames.values():
+            if len(frame):
+                self.spec.validate_frame(frame, require_label=True)
+        return frames
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         self.split()
         if self.processor is None:
-            # train only: no leakage
+            # train only: no leakage (streaming: the bounded fitting sample of the train range)
             self.processor = FeatureProcessor(self.spec, text_model=self.text_model).fit(self.frames["train"])
         for name, frame in self.frames.items():
-            if len(frame):
+            if name == "train" and self.stream_ranges:
+                from within.data.streaming import StreamingAdDataset
+
+                self.datasets[name] = StreamingAdDataset(
+                    self._rows, *self.stream_ranges["train"], processor=self.processor, batch_size=self.batch_size,
+                    seed=self.seed, buffer_shards=self.stream_buffer_shards,
+                )
+            elif len(frame):
                 self.datasets[name] = AdTensorDataset(
                     self.processor.transform(frame, with_label=True, dedupe_images=True)
                 )
 
     @property
     def n_train(self) -> int:
+        if self.stream_ranges:
+            lo, hi = self.stream_ranges["train"]
+            return hi - lo
         return len(self.frames.get("train", ()))
 
     @property
@@ -279,6 +341,11 @@ class AdDataModule(L.LightningDataModule):
 
     def _loader(self, name: str, shuffle: bool, batch_size: int) -> DataLoader:
         ds = self.datasets[name]
+        if name == "train" and self.stream_ranges:
+            ds.num_workers = self.num_workers
+            ds.bind_rank()  # here, in the main process: workers have no process group
+            return DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                              persistent_workers=self.num_workers > 0)
         if name == "train" and self.poisson_sampling:
             sampler = self._poisson_sampler()
         else:

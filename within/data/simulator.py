@@ -607,6 +607,20 @@ class AdMarketSimulator:
                 parts.append(self._frame(cached, s, max(lo, b_lo)))
             yield parts[0] if len(parts) == 1 else pd.concat(parts)
 
+    def rows(self, n: int, lo: int, hi: int) -> pd.DataFrame:
+        """Rows ``lo:hi`` of ``sample(n)``, drawing only the blocks they fall in (streaming reads)."""
+        n, lo, hi = int(n), int(lo), int(hi)
+        if not 0 <= lo <= hi <= n:
+            raise ValueError(f"need 0 <= lo <= hi <= n, got lo={lo}, hi={hi}, n={n}")
+        if lo == hi:
+            return self._frame(self._block(0, 0), slice(0, 0), lo)
+        parts = []
+        for b in range(lo // BLOCK_ROWS, (hi - 1) // BLOCK_ROWS + 1):
+            b_lo = b * BLOCK_ROWS
+            s = slice(max(lo, b_lo) - b_lo, min(hi, b_lo + BLOCK_ROWS) - b_lo)
+            parts.append(self._frame(self._block(b, n), s, max(lo, b_lo)))
+        return parts[0] if len(parts) == 1 else pd.concat(parts)
+
     def sample(self, n: int) -> pd.DataFrame:
         """``n`` impressions, time-ordered, columns ``COLUMNS`` (equals ``pd.concat(iter_chunks(n))``)."""
         n = int(n)

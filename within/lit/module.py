@@ -120,7 +120,11 @@ class AdScoreModule(L.LightningModule):
         return self(batch).float()
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        from within.lit.optim import build_optimizer, sparse_parameters
+
+        # sparse_embeddings=true: SparseAdam for the embedding tables beside the configured optimizer
+        optimizer = build_optimizer(self.optimizer_factory, [p for p in self.parameters() if p.requires_grad],
+                                    sparse_parameters(self))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)

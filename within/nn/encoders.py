@@ -38,6 +38,7 @@ class TabularEncoder(nn.Module):
         out_dim: width of the output vector.
         embedding_dim: one width for every field; None picks `auto_embedding_dim` per field.
         embedding_dims: per-field widths (None entries fall back to `embedding_dim` / the rule).
+        sparse: sparse embedding gradients (only the rows a batch touches), for SparseAdam.
 
     `forward(cat, num)` returns `(vector [B, out_dim], raw [B, raw_dim])`, where `raw` is the
     concatenated embeddings and numerics: the predictor feeds it to the tower directly too, so
@@ -51,6 +52,7 @@ class TabularEncoder(nn.Module):
         out_dim: int = 64,
         embedding_dim: int | None = None,
         embedding_dims: Sequence[int | None] | None = None,
+        sparse: bool = False,
     ) -> None:
         super().__init__()
         cards = [int(c) for c in cat_cardinalities]
@@ -77,7 +79,9 @@ class TabularEncoder(nn.Module):
         self.embedding_dims = dims
         self.n_num = int(n_num)
         self.out_dim = int(out_dim)
-        self.embeddings = nn.ModuleList(nn.Embedding(c, d, padding_idx=0) for c, d in zip(cards, dims))
+        self.embeddings = nn.ModuleList(
+            nn.Embedding(c, d, padding_idx=0, sparse=bool(sparse)) for c, d in zip(cards, dims)
+        )
         for emb in self.embeddings:
             # Small init: with Adam, a unit-scale table moves slowly relative to its size.
             nn.init.normal_(emb.weight, std=0.05)

@@ -209,6 +209,9 @@ class AdPredictorNN(nn.Module):
         hierarchy_tau: the offsets' prior sd, one per level or one for all; None = empirical Bayes
             (the HierarchyPrior callback updates it between epochs).
         hierarchy_lr_scale: the offsets learn this many times faster than the rest (see HierarchicalEffects).
+        sparse_embeddings: the categorical and wide tables get sparse gradients (only the rows a
+            batch touches); AdScoreModule then steps them with SparseAdam beside the configured
+            optimizer (docs/throughput.md). Not with dp_compatible (Opacus needs dense gradients).
     """
 
     def __init__(
@@ -237,6 +240,7 @@ class AdPredictorNN(nn.Module):
         hierarchy: Sequence[str] | None = None,
         hierarchy_tau: float | Sequence[float] | None = None,
         hierarchy_lr_scale: float = 10.0,
+        sparse_embeddings: bool = False,
     ) -> None:
         # how to rebuild this network from a bundle (NetworkModel saves it beside the weights)
         init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -253,6 +257,10 @@ class AdPredictorNN(nn.Module):
         self.image_augment = d["image_augment"] if image_augment is None else bool(image_augment)
         self.use_cross_modal = bool(use_cross_modal)
         self.hidden_dims = hidden_dims
+        self.sparse_embeddings = bool(sparse_embeddings)
+        if self.sparse_embeddings and self.dp_compatible:
+            raise ValueError("sparse_embeddings=true needs dense gradients under DP-SGD; set "
+                             "model.net.sparse_embeddings=false with privacy=dp")
         cards = d["cat_cardinalities"]
         self.n_cat = len(cards)
 
@@ -260,7 +268,8 @@ class AdPredictorNN(nn.Module):
         vec_dims: dict[str, int] = {}
         fused_dim = 0
         if cards or d["n_num"]:
-            self.tabular = TabularEncoder(cards, d["n_num"], tabular_dim, embedding_dim, d["cat_embedding_dims"])
+            self.tabular = TabularEncoder(cards, d["n_num"], tabular_dim, embedding_dim, d["cat_embedding_dims"],
+                                          sparse=self.sparse_embeddings)
             self.modalities.append("tabular")
             vec_dims["tabular"] = tabular_dim
             fused_dim += self.tabular.raw_dim
@@ -346,7 +355,7 @@ class AdPredictorNN(nn.Module):
 
         self.wide = None
         if use_wide and cards:
-            self.wide = nn.Embedding(sum(cards), 1)
+            self.wide = nn.Embedding(sum(cards), 1, sparse=self.sparse_embeddings)
             nn.init.zeros_(self.wide.weight)
             offsets = torch.tensor([0] + cards[:-1], dtype=torch.long).cumsum(0)
             self.register_buffer("wide_offsets", offsets, persistent=False)

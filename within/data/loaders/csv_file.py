@@ -6,7 +6,8 @@ its line in the file, the column and the fix, e.g.
 Checks: header has every spec column, each row has as many fields as the header, numeric columns
 parse as numbers, required cells are not empty, the label is 0/1 (or, with `weight`, a click count
 within [0, impressions] and impressions > 0), and the time column parses as a date or a number.
-Image fields are rejected: a CSV cell cannot hold pixels.
+Image fields are rejected: a CSV cell cannot hold pixels. A `.parquet` file is read by
+within/data/loaders/parquet_file.py instead (typed columns, the same checks).
 """
 
 from __future__ import annotations
@@ -108,6 +109,10 @@ def load(
     path = Path(root).expanduser() / file if root is not None else Path(file).expanduser()
     if not path.is_file():
         raise not_found("csv", path, can_download=False)
+    if path.suffix.lower() == ".parquet":  # typed columns: no parsing, the same spec checks
+        from within.data.loaders.parquet_file import load as load_parquet
+
+        return load_parquet(path, fs, label=label, rename=rename)
 
     header, lines = _scan_records(path, sep, encoding)
     renames = dict(rename or {})
