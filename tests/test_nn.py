@@ -480,3 +480,22 @@ def test_cross_layers_parts_and_quantized_copy():
     assert not torch.allclose(q(X), m(X), atol=1e-6)  # it is an int8 copy, not the float model
     with pytest.raises(ValueError, match="cross_layers"):
         make(cross_layers=-1)
+
+
+def test_precomputed_image_vectors_give_the_same_logits():
+    """batch['image_vec'] (the image encoder's output, computed once per distinct image by batch
+    inference) stands in for the pixels; a wrong width names the key."""
+    dims = {"n_num": 3, "cat_cardinalities": [5, 4], "text_fields": 1, "text_buckets": 64,
+            "image_fields": 1, "image_channels": 3, "image_size": 8}
+    net = AdPredictorNN(dims, hidden_dims=[16], image_dim=12).eval()
+    batch = AdPredictorNN.example_batch(dims, 10)
+    batch["mask_image"][3] = False  # a row without its image still gets the learned stand-in
+    with torch.no_grad():
+        want = net(batch)
+        vec = net.image(batch["image"])
+        got = net({k: v for k, v in batch.items() if k != "image"} | {"image_vec": vec})
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match=r"batch\['image_vec'\] must have shape \[B, 12\]"):
+        net({k: v for k, v in batch.items() if k != "image"} | {"image_vec": vec[:, :5]})
+    with pytest.raises(ValueError, match="embed_inputs attributes pixels"):
+        net.embed_inputs(batch | {"image_vec": vec})

@@ -4,14 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from tests.test_serve_bundle import frame, tiny_bundle
 from within.calibration import PlattScaling, SplineCalibrator, TemperatureScaling
 from within.features.records import RecordEncoder
 from within.features.spec import FeatureError
-from within.models.onnx_scorer import OnnxScorer, affine_of, find_graph
-from within.postfit.export import export_onnx_bytes
+from within.models.onnx_scorer import OnnxScorer, affine_of, distinct_rows, find_graph
+from within.postfit.export import export_onnx_bytes, image_split_bytes
 from within.serve.loading import load_model
 
 ATOL = 1e-6
@@ -141,3 +142,35 @@ def test_slices_and_an_image_block_give_the_same_scores(multimodal):
         scorer.encoder.encode_columns({**columns, "main_image": block["main_image"][:, :, :8]})
     with pytest.raises(ValueError, match="run_rows: must be >= 1"):
         OnnxScorer([graph], scorer.encoder, run_rows=0)
+
+
+def test_distinct_rows_rebuilds_every_row():
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0, 256, (5, 1, 3, 4, 4), dtype=np.uint8)
+    which = rng.integers(0, 5, 40)
+    block = pool[which]
+    distinct, index = distinct_rows(block)
+    assert len(distinct) == len(np.unique(which))
+    np.testing.assert_array_equal(distinct[index], block)
+
+
+def test_image_split_encodes_each_distinct_image_once_and_agrees(multimodal):
+    """The image encoder + rest-of-network pair (batch inference) scores as the one graph does, and the
+    image graph sees only the distinct images of the call."""
+    model, scorer, _ = multimodal
+    df = frame(40, seed=9)
+    df = pd.concat([df, df.iloc[:20]], ignore_index=True)  # repeated ads, as in a batch file
+    records = df.to_dict("records")
+    arrays = RecordEncoder(model.processor).encode(records[:16])
+    image_graph, rest_graph, info = image_split_bytes(model, arrays)
+    assert info["max_abs_diff"] < 1e-5 and info["image_max_abs_diff"] < 1e-5
+    split = OnnxScorer.from_model(model, graph=rest_graph, image_graph=image_graph)
+    assert_agrees(split, model, df)
+    seen = []
+    run = split._run
+    split._run = lambda session, keys, arrays, n: (seen.append((keys, n)) or run(session, keys, arrays, n))
+    split.predict(records)
+    n_distinct = len({np.asarray(r["main_image"], dtype=np.uint8).tobytes() for r in records})
+    assert seen[0] == (["image"], n_distinct) and n_distinct < len(records)
+    with pytest.raises(ValueError, match="image_graph: pass it with the one graph that takes `image_vec`"):
+        OnnxScorer.from_model(model, graph=_graph(model), image_graph=image_graph)

@@ -86,8 +86,10 @@ def predict_cli(tmp: Path, *args: str) -> subprocess.CompletedProcess:
 def test_parquet_scores_and_intervals_equal_model_predict(run, model, rows, parquet_file, tmp_path):
     out = tmp_path / "scores.parquet"
     res = predict_cli(tmp_path, f"bundle={run / 'bundle'}", f"input={parquet_file}", f"output={out}",
-                      "id_column=ad_id", "intervals=true", "batch_rows=128", "progress=false")
+                      "id_column=ad_id", "intervals=true", "batch_rows=128", "progress=false",
+                      "distinct_images=true")
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "image encoder once per distinct image" in res.stdout
     got = pd.read_parquet(out)
     assert list(got.columns) == ["ad_id", "score", "lower", "upper"]
     assert got["ad_id"].tolist() == rows["ad_id"].tolist()
@@ -178,3 +180,17 @@ def test_intervals_on_a_bundle_without_them_is_refused(tmp_path):
         predict_file(bundle, tmp_path / "rows.parquet", tmp_path / "s.parquet", intervals=True, progress=False)
     res = predict_file(bundle, tmp_path / "rows.parquet", tmp_path / "s.parquet", progress=False)
     assert res.rows == 30
+
+
+def test_distinct_images_auto_splits_only_a_large_parquet_file(run, parquet_file, tmp_path, monkeypatch):
+    import within.serve.batch as batch
+
+    small = predict_file(run / "bundle", parquet_file, tmp_path / "a.parquet", progress=False)
+    assert "distinct image" not in small.graph  # 300 rows: the export would cost more than it saves
+    monkeypatch.setattr(batch, "DISTINCT_IMAGES_MIN_ROWS", ROWS)
+    large = predict_file(run / "bundle", parquet_file, tmp_path / "b.parquet", progress=False)
+    assert "distinct image" in large.graph
+    np.testing.assert_allclose(pd.read_parquet(tmp_path / "a.parquet")["score"],
+                               pd.read_parquet(tmp_path / "b.parquet")["score"], atol=1e-6, rtol=0)
+    with pytest.raises(FeatureError, match="distinct_images: 'yes' is not true, false or auto"):
+        predict_file(run / "bundle", parquet_file, tmp_path / "c.parquet", progress=False, distinct_images="yes")

@@ -74,6 +74,24 @@ def make_session(graph: bytes | str | Path, threads: int = 1) -> Any:
     return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+def distinct_rows(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct rows [U, ...], index [N] with block[i] == distinct[index[i]]) of an array, by hashing
+    each row's bytes (pyarrow's dictionary encoding: one C++ pass, no sort)."""
+    import pyarrow as pa
+
+    block = np.ascontiguousarray(block)
+    n, width = len(block), block[0].nbytes if len(block) else 0
+    if n == 0 or width == 0:
+        return block, np.zeros(n, dtype=np.int64)
+    rows = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(block)])
+    encoded = rows.dictionary_encode()
+    values = encoded.dictionary
+    data = np.frombuffer(values.buffers()[1], dtype=block.dtype)
+    per_row = width // block.itemsize
+    distinct = data[values.offset * per_row:(values.offset + len(values)) * per_row].reshape(len(values), *block.shape[1:])
+    return distinct, encoded.indices.to_numpy().astype(np.int64)
+
+
 class OnnxScorer:
     """Calibrated scores for records through ONNX Runtime.
 
@@ -89,6 +107,9 @@ class OnnxScorer:
         threads: ONNX Runtime intra-op threads.
         run_rows: most rows per ONNX Runtime call; a larger batch runs in slices of this many rows
             (the activations of a slice stay in cache: 2,048 rows run ~2x faster per row than 65,536).
+        image_graph: the image encoder alone (`image` -> `image_vec`, from
+            within.postfit.export.image_split_bytes); then `graphs` is the one rest-of-network graph
+            that takes `image_vec`, and each call encodes every distinct image once.
 
     Inputs everywhere: one record dict (-> float), a list of record dicts or a DataFrame
     (-> arrays); `*_columns` methods take a columnar batch {field: values}.
@@ -104,6 +125,7 @@ class OnnxScorer:
         group_names: Sequence[str] = (),
         threads: int = 1,
         run_rows: int = 2048,
+        image_graph: bytes | str | Path | None = None,
     ) -> None:
         if not graphs:
             raise ValueError("OnnxScorer.graphs: empty; pass the model's ONNX graph (or one per ensemble member)")
@@ -133,6 +155,12 @@ class OnnxScorer:
                     f"{type(calibrator).__name__} is not temperature or Platt scaling; export a logit graph"
                 )
         self._inputs = [[i.name for i in s.get_inputs()] for s in self.sessions]
+        self.image_session = None
+        if image_graph is not None:
+            if len(self.sessions) > 1 or "image_vec" not in self._inputs[0]:
+                raise ValueError("OnnxScorer.image_graph: pass it with the one graph that takes `image_vec` "
+                                 "(within.postfit.export.image_split_bytes makes the pair)")
+            self.image_session = make_session(image_graph, threads)
         if intervals is not None and getattr(intervals, "uses_members_", False) and len(self.sessions) < 2:
             raise ValueError(
                 "OnnxScorer: the intervals were fitted on the ensemble members' spread, but the graph gives one "
@@ -147,6 +175,7 @@ class OnnxScorer:
         member_graphs: Sequence[bytes | str | Path] | None = None,
         bundle: str | Path | None = None,
         threads: int = 1,
+        image_graph: bytes | str | Path | None = None,
     ) -> OnnxScorer:
         """A scorer for a loaded network model or ensemble (duck-typed: `.processor`, `.calibrator`,
         `.intervals`, and `.base_models` / `.aggregate` for an ensemble). The graph: `member_graphs`,
@@ -173,7 +202,7 @@ class OnnxScorer:
         names = [f.name for f in spec.groups]
         names += [c for c in getattr(model.calibrator, "required_columns", ()) if c not in names]
         return cls(graphs, RecordEncoder(processor), calibrator=model.calibrator, intervals=model.intervals,
-                   aggregate=aggregate, group_names=names, threads=threads)
+                   aggregate=aggregate, group_names=names, threads=threads, image_graph=image_graph)
 
     # ---- scoring ------------------------------------------------------------------------
     def _columns(self, X: Any) -> tuple[dict[str, list], int]:
@@ -182,6 +211,10 @@ class OnnxScorer:
     def _scores(self, columns: Mapping[str, list], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(logits [N], probabilities [N], member logits [N, M] or None) for checked columns."""
         arrays = self.encoder.encode_checked(columns, n)
+        if self.image_session is not None:
+            distinct, index = distinct_rows(arrays.pop("image"))
+            vectors = self._run(self.image_session, ["image"], {"image": distinct}, len(distinct))
+            arrays["image_vec"] = vectors[index]
         outs = [self._run(s, keys, arrays, n) for s, keys in zip(self.sessions, self._inputs)]
         members = None
         if len(outs) > 1:
@@ -244,4 +277,4 @@ class OnnxScorer:
         return p, np.minimum(lo, p), np.maximum(hi, p)
 
 
-__all__ = ["GRAPH_FILE", "OnnxScorer", "affine_of", "find_graph", "make_session"]
+__all__ = ["GRAPH_FILE", "OnnxScorer", "affine_of", "distinct_rows", "find_graph", "make_session"]

@@ -300,6 +300,7 @@ class AdPredictorNN(nn.Module):
             )
             self.modalities.append("image")
             vec_dims["image"] = image_dim
+        self.image_dim = int(image_dim) if d["image_fields"] else 0
         if not self.modalities:
             raise ValueError(
                 "input_dim describes no features (no cat_cardinalities, n_num, text_fields or image_fields); "
@@ -444,7 +445,10 @@ class AdPredictorNN(nn.Module):
             if ids.device.type == "cpu" and ids.numel() and bool(((ids < 0) | (ids >= d["ngram_buckets"])).any()):
                 raise ValueError(f"batch['ngram_ids'] has ids outside [0, {d['ngram_buckets']}); encode with the "
                                  "FeatureProcessor fitted for this model")
-        if "image" in self.modalities and "image" in X:
+        if "image" in self.modalities and "image_vec" in X:
+            check("image_vec", X["image_vec"], (torch.float32,), (None, self.image_dim),
+                  "the image encoder's output per row (AdPredictorNN.image on the row's pixels)")
+        elif "image" in self.modalities and "image" in X:
             check("image", X["image"], (torch.uint8,), (None, d["image_fields"], d["image_channels"], None, None),
                   "raw pixels")
         if self.hierarchy is not None:
@@ -478,6 +482,8 @@ class AdPredictorNN(nn.Module):
                 vec, raw = self.tabular(X.get("cat"), X.get("num"))
                 if self.wide is not None:
                     wide = self.wide(X["cat"] + self.wide_offsets).sum(dim=(1, 2))
+            elif m == "image" and "image_vec" in X:
+                vec = X["image_vec"]  # the image encoder's output, computed outside (once per distinct image)
             elif (key := self.text_key if m == "text" else m) in X:
                 x = X[key]
                 if m == "image" and self.image_augment and self.training:
@@ -565,6 +571,8 @@ class AdPredictorNN(nn.Module):
         A modality the batch leaves out gets zeros and mask 0, as `forward` treats it.
         `forward_embedded(embed_inputs(X))` equals `forward(X)`.
         """
+        if "image_vec" in X:
+            raise ValueError("embed_inputs attributes pixels: pass batch['image'], not the encoded batch['image_vec']")
         b = self._check_batch(X)
         device = next(self.parameters()).device
         out: dict[str, torch.Tensor] = {}

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 ENGINES = ("onnx", "torch")
 FORMATS = (".parquet", ".pq", ".csv")
 SCORE, LOWER, UPPER = "score", "lower", "upper"
+# break-even of distinct_images=auto: the ~9 s split export against ~1.7 us saved per simulator row
+# (benchmarks/batch_predict.py, 1M rows: 130k rows/s split against 107k rows/s with the one graph)
+DISTINCT_IMAGES_MIN_ROWS = 5_000_000
 
 
 @dataclasses.dataclass
@@ -181,7 +184,7 @@ def chunk_columns(batch: Any, spec: Any) -> dict[str, Any]:
 class ChunkScorer:
     """Scores one chunk's columns: the service's OnnxScorer (engine onnx) or model.predict (torch)."""
 
-    def __init__(self, bundle: Path, engine: str = "onnx", threads: int = 1) -> None:
+    def __init__(self, bundle: Path, engine: str = "onnx", threads: int = 1, distinct_images: bool = True) -> None:
         if engine not in ENGINES:
             raise FeatureError(f"engine: {engine!r} is not one of {ENGINES}")
         from within.serve.loading import load_model, load_served
@@ -190,7 +193,7 @@ class ChunkScorer:
         self.scorer = None
         if engine == "onnx":
             try:
-                served = load_served(bundle, threads=threads)
+                served = load_served(bundle, threads=threads, distinct_images=distinct_images)
             except TypeError as err:  # no feature processor (DynamicLinear): the torch path serves it
                 log.info("predict: %s; scoring with model.predict", err)
                 self.model = load_model(bundle)
@@ -252,10 +255,13 @@ class _Writer:
 def predict_file(bundle: str | Path, input: str | Path, output: str | Path, id_column: str | None = None,
                  intervals: bool = False, alpha: float = 0.1, batch_rows: int = 65536, engine: str = "onnx",
                  threads: int = 1, workers: int = 2, progress: bool = True,
-                 scorer: ChunkScorer | None = None) -> BatchResult:
+                 scorer: ChunkScorer | None = None, distinct_images: bool | str = "auto") -> BatchResult:
     """Score every row of `input` (parquet or CSV) with `bundle`; write `output` (parquet or CSV)
     with the id column (when given), `score`, and `lower` / `upper` with `intervals`.
-    `scorer`: a ChunkScorer already loaded (a benchmark reuses one across runs)."""
+    `scorer`: a ChunkScorer already loaded (a benchmark reuses one across runs).
+    `distinct_images`: run a network's image encoder once per distinct image of a chunk (its graph is
+    split and exported in memory at load, ~9 s); "auto": for parquet files of at least
+    DISTINCT_IMAGES_MIN_ROWS rows, where the saving outweighs the export (docs/batch-inference.md)."""
     import pyarrow as pa
 
     input, output = Path(input), Path(output)
@@ -271,7 +277,11 @@ def predict_file(bundle: str | Path, input: str | Path, output: str | Path, id_c
     if scorer is None:
         if not Path(bundle).is_dir():
             raise FileNotFoundError(f"bundle: {bundle} is not a folder; pass bundle=outputs/train/runs/<ts>/bundle")
-        scorer = ChunkScorer(Path(bundle), engine=engine, threads=threads)
+        if distinct_images == "auto":
+            distinct_images = _format(input, "input") == "parquet" and _parquet_rows(input) >= DISTINCT_IMAGES_MIN_ROWS
+        elif not isinstance(distinct_images, bool):
+            raise FeatureError(f"distinct_images: {distinct_images!r} is not true, false or auto")
+        scorer = ChunkScorer(Path(bundle), engine=engine, threads=threads, distinct_images=distinct_images)
     if intervals and not scorer.has_intervals:
         raise FeatureError("intervals=true: this bundle has no intervals; train it with the post-fit step `intervals` "
                            "(postfit: [calibrate, intervals, ..., export]), or pass intervals=false")
@@ -331,6 +341,12 @@ def predict_file(bundle: str | Path, input: str | Path, output: str | Path, id_c
                        engine=scorer.engine, graph=scorer.graph)
 
 
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return int(pq.ParquetFile(path).metadata.num_rows)
+
+
 def _progress(enabled: bool, total: int | None, name: str) -> tuple[Any, Any] | None:
     if not enabled:
         return None
@@ -350,6 +366,12 @@ def _progress(enabled: bool, total: int | None, name: str) -> tuple[Any, Any] | 
     return bar, task
 
 
+def _auto_or_bool(value: Any) -> bool | str:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise FeatureError(f"distinct_images: {value!r} is not true, false or auto")
+
+
 def run_predict(cfg: Any) -> dict[str, Any]:
     """predict.py's entry (conf/predict.yaml): score cfg.input into cfg.output; prints a JSON summary."""
     import json
@@ -366,7 +388,8 @@ def run_predict(cfg: Any) -> dict[str, Any]:
                           intervals=bool(cfg.get("intervals", False)), alpha=float(cfg.get("alpha", 0.1)),
                           batch_rows=int(cfg.get("batch_rows", 65536)), engine=str(cfg.get("engine", "onnx")),
                           threads=int(cfg.get("threads", 1)), workers=int(cfg.get("workers", 2)),
-                          progress=bool(cfg.get("progress", True)))
+                          progress=bool(cfg.get("progress", True)),
+                          distinct_images=_auto_or_bool(cfg.get("distinct_images", "auto")))
     summary = result.summary()
     print(json.dumps(summary), flush=True)
     return summary

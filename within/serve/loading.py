@@ -50,8 +50,11 @@ class Served:
         return str(getattr(self.model, "model_version", "unknown"))
 
 
-def load_served(bundle: str | Path, threads: int = 1, atol: float = CHECK_ATOL, check_rows: int = 16) -> Served:
-    """The bundle's model and a checked OnnxScorer for it (see the module docstring)."""
+def load_served(bundle: str | Path, threads: int = 1, atol: float = CHECK_ATOL, check_rows: int = 16,
+                distinct_images: bool = False) -> Served:
+    """The bundle's model and a checked OnnxScorer for it (see the module docstring). With
+    `distinct_images` (batch inference), a single network with images gets its graph exported in
+    memory in two parts, so that each call runs the image encoder once per distinct image."""
     bundle = Path(bundle)
     model = load_model(bundle)
     if getattr(model, "processor", None) is None:
@@ -60,6 +63,10 @@ def load_served(bundle: str | Path, threads: int = 1, atol: float = CHECK_ATOL, 
     from within.features.records import RecordEncoder
 
     records = RecordEncoder(model.processor).example_records(max(check_rows, 2))
+    if distinct_images and _has_images(model):
+        served = _image_split(model, bundle, records, threads, atol)
+        if served is not None:
+            return served
     members = list(getattr(model, "base_models", None) or [])
     needs_members = bool(getattr(model.intervals, "uses_members_", False)) and len(members) > 1
     found = None if needs_members else find_graph(bundle)
@@ -76,6 +83,26 @@ def load_served(bundle: str | Path, threads: int = 1, atol: float = CHECK_ATOL, 
     if diff > atol:
         raise RuntimeError(f"serve: the exported ONNX graph differs from the torch model by {diff:.2e} > {atol:.0e}")
     return Served(model, scorer, bundle, source, diff)
+
+
+def _has_images(model: Any) -> bool:
+    return not getattr(model, "base_models", None) and "image" in getattr(getattr(model, "net", None), "modalities", ())
+
+
+def _image_split(model: Any, bundle: Path, records: list[dict[str, Any]], threads: int, atol: float) -> Served | None:
+    """A scorer over the image encoder + rest-of-network pair, checked against torch; None (and a
+    warning) when the pair does not agree, so the caller serves the one-graph path instead."""
+    from within.features.records import RecordEncoder
+    from within.postfit.export import image_split_bytes
+
+    image_graph, rest_graph, _ = image_split_bytes(model, RecordEncoder(model.processor).encode(records))
+    scorer = OnnxScorer.from_model(model, graph=rest_graph, threads=threads, image_graph=image_graph)
+    diff = max_abs_diff(scorer, model, records)
+    if diff > atol:
+        log.warning("predict: the image-split graphs differ from the torch model by %.2e > %.0e; "
+                    "scoring with the one-graph path", diff, atol)
+        return None
+    return Served(model, scorer, bundle, "exported in memory: image encoder once per distinct image + rest", diff)
 
 
 def _exported(model: Any, records: list[dict[str, Any]], members: list[Any] | None, threads: int):
