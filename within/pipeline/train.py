@@ -73,7 +73,9 @@ def run_train_job(cfg: DictConfig) -> float | None:
     - under the Optuna sweeper, raises on: the sweeper records the trial as TrialState.FAIL and goes on
       (hparams_search/optuna.yaml sets max_failure_rate: 1.0). A NaN return would not do: optuna 2.10's
       `tell` fails the trial and raises, and the sweeper's second `tell` then ends the whole sweep;
-    - under Hydra's basic sweeper (a grid), returns NaN, which that sweeper would otherwise re-raise."""
+    - under Hydra's basic sweeper (a grid), returns NaN, which that sweeper would otherwise re-raise.
+    A trial stopped by its pruner (optuna.TrialPruned) is no crash: it raises on without an error.txt,
+    and the sweeper records TrialState.PRUNED."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -84,7 +86,12 @@ def run_train_job(cfg: DictConfig) -> float | None:
     try:
         ddp_ranks_join_this_job()
         return run_train(cfg)
-    except Exception:
+    except Exception as err:
+        from optuna import TrialPruned
+
+        if isinstance(err, TrialPruned):  # the trial's pruner stopped it: not a crash, so no error.txt
+            log.info("%s; the sweeper records it as pruned", err)
+            raise
         import traceback
 
         out = Path(cfg.paths.output_dir)
