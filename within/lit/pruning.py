@@ -50,4 +50,5 @@ class OptunaPruning(Callback):
             self.trial.report(value, step=epoch)
             prune = self.trial.should_prune()
         if trainer.strategy.broadcast(prune, src=0):
-            raise optuna.TrialPruned(f"trial {self.number} pruned at epoch {epoch} ({self.monitor}={value})")
+            seen = f" ({self.monitor}={value:.4g})" if value is not None else ""  # rank 0 knows the value
+            raise optuna.TrialPruned(f"trial {self.number} pruned at epoch {epoch}{seen}")
