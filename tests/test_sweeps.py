@@ -9,7 +9,9 @@ its own draw. Everything is read back from the study's SQLite storage, not from 
 The pruning sweep searches model.optimizer.lr in {0.01, 1e-6, -1.0} (seed 28 draws them in that
 order): a net trained at 0.01, one that barely moves from its start, and a learning rate AdamW refuses.
 With a MedianPruner that prunes from the first completed trial on, the second trial's epoch-0 logloss
-(~0.69, the untrained net) is worse than the first's (~0.44), so it is pruned there.
+(~0.69, the untrained net) is worse than the first's (~0.44), so it is pruned there. That sweep stops
+at its first failure (max_failure_rate=0.0), so reaching the third trial shows that a pruned trial is
+not counted as one.
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ PRUNE_TINY = [a for a in TINY if not a.startswith(("trainer.max_epochs=", "model
 GOOD_LR, STILL_LR, BAD_LR = 0.01, 1e-6, -1.0
 PRUNE_SPACE = ["hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=28", "hydra.sweeper.params=null",
                f"model.optimizer.lr=choice({GOOD_LR},{STILL_LR},{BAD_LR})",
-               "hydra.sweeper.pruner.n_startup_trials=1", "hydra.sweeper.pruner.n_warmup_steps=0"]
+               "hydra.sweeper.pruner.n_startup_trials=1", "hydra.sweeper.pruner.n_warmup_steps=0",
+               "hydra.sweeper.max_failure_rate=0.0"]
 
 
 def sweep(tmp_path: Path, n_trials: int, args: list[str] = TINY + SPACE) -> subprocess.CompletedProcess:
@@ -110,7 +113,8 @@ def test_two_trial_sweep_goes_on_past_a_crash_and_resumes_from_its_storage(tmp_p
 def test_a_trial_worse_than_the_median_is_pruned_while_complete_and_fail_hold(tmp_path):
     """COMPLETE, PRUNED, FAIL in one sweep, each checked against its own draw in the storage."""
     res = sweep(tmp_path, 3, PRUNE_TINY + PRUNE_SPACE)
-    assert res.returncode == 0, res.stderr[-4000:]
+    # the sweep went past the pruned trial 1 and ended at the failed trial 2, as max_failure_rate=0.0 asks
+    assert res.returncode != 0 and "Invalid learning rate: -1.0" in res.stderr, res.stderr[-4000:]
     found = trials(tmp_path)
     assert [t.state.name for t in found] == ["COMPLETE", "PRUNED", "FAIL"], [(t.state.name, t.params) for t in found]
     by_lr = {float(t.params["model.optimizer.lr"]): t for t in found}
