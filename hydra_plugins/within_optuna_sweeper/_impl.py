@@ -25,7 +25,7 @@ import optuna
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext, TaskFunction
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution
 from optuna.trial import Trial, TrialState
 
@@ -89,9 +89,13 @@ class PrunedJobs:
         returns = self.launcher.launch(job_overrides, initial_job_idx=initial_job_idx)
         for ret in returns:
             # ret.return_value would re-raise the job's exception; the exception itself is _return_value
-            if ret.status == JobStatus.FAILED and isinstance(ret._return_value, optuna.TrialPruned):
-                self.pruned.add(int(ret.cfg.optuna_trial.number))
-                ret.status, ret.return_value = JobStatus.COMPLETED, float("nan")
+            if ret.status != JobStatus.FAILED or not isinstance(ret._return_value, optuna.TrialPruned):
+                continue
+            number = OmegaConf.select(ret.cfg, "optuna_trial.number")
+            if number is None:  # raised by the job's own code, not by a trial's pruning callback: a failure
+                continue
+            self.pruned.add(int(number))
+            ret.status, ret.return_value = JobStatus.COMPLETED, float("nan")
         return returns
 
 
