@@ -159,6 +159,20 @@ def test_member_overrides_train_members_of_another_type(tmp_path):
     assert [m.net.tower[0].out_features for m in ens.base_models] == [16, 16]
 
 
+def test_in_a_pruning_sweep_only_member_0_reports_to_the_trial(tmp_path):
+    """The trial's objective is member 0's metric, so members 1.. must not report their curves to it."""
+    from omegaconf import open_dict
+
+    from within.pipeline.train import build_recipe
+
+    cfg = compose_cfg("train", [*FAST_ENSEMBLE, "model.size=3"], out_dir=tmp_path)
+    with open_dict(cfg):
+        cfg.optuna_trial = {"number": 4, "study_name": "s", "storage": "sqlite://"}
+    recipe = build_recipe(cfg)
+    assert [recipe.member_config(cfg, k, tmp_path).get("optuna_trial") is not None for k in range(3)] == [
+        True, False, False]
+
+
 @pytest.mark.parametrize("entry,match", [
     ("[{model.net.no_such_key: 1}]", "not a key of a member's config"),
     ("[{model.net.cross_layers: 1}, {model.net.cross_layers: 2}]", "at most size - 1 = 1"),

@@ -24,6 +24,7 @@ TRAIN_KEYS = {
     "debug": (dict, type(None)), "optimized_metric": (str, type(None)),
     "intervals": dict, "quantize": dict, "export": dict, "text_model": dict, "update": dict,
     "fairness": dict, "explain": dict,
+    "optuna_trial": (dict, type(None)),  # set per job by the pruning sweeper (hparams_search=optuna)
 }
 EVALUATE_KEYS = {
     "task_name": str, "tags": list, "seed": int, "bundle": (str, type(None)), "ckpt_path": (str, type(None)),

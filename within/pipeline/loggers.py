@@ -1,4 +1,4 @@
-"""Loggers and callbacks from the config groups `logger:` and `callbacks:`.
+"""Loggers and callbacks from the config groups `logger:` and `callbacks:` (and a sweep trial's pruning).
 
 W&B: a run's id is saved in its run directory (`wandb_run_id.txt`); a run resumed from a checkpoint
 reuses the id saved beside that checkpoint's run, so its curves continue in one W&B run. A new run's
@@ -69,8 +69,11 @@ def build_loggers(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> list
 
 
 def build_callbacks(cfg: DictConfig, has_logger: bool) -> list[Any]:
-    """The `callbacks:` group; without a logger, those that need one are left out (and said so)."""
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    """The `callbacks:` group, plus the pruning callback when the job is a trial of a pruning sweep
+    (within/pipeline/pruning.py); without a logger, those that need one are left out (and said so)."""
+    from within.pipeline.pruning import pruning_callbacks
+
+    callbacks = instantiate_group(cfg.get("callbacks")) + pruning_callbacks(cfg)
     if has_logger:
         return callbacks
     dropped = [type(c).__name__ for c in callbacks if type(c).__name__ in NEEDS_LOGGER]

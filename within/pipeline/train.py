@@ -73,18 +73,30 @@ def run_train_job(cfg: DictConfig) -> float | None:
     - under the Optuna sweeper, raises on: the sweeper records the trial as TrialState.FAIL and goes on
       (hparams_search/optuna.yaml sets max_failure_rate: 1.0). A NaN return would not do: optuna 2.10's
       `tell` fails the trial and raises, and the sweeper's second `tell` then ends the whole sweep;
-    - under Hydra's basic sweeper (a grid), returns NaN, which that sweeper would otherwise re-raise."""
+    - under Hydra's basic sweeper (a grid), returns NaN, which that sweeper would otherwise re-raise.
+    A trial stopped by its pruner (optuna.TrialPruned) is no crash: it raises on without an error.txt,
+    and the sweeper records TrialState.PRUNED. The DDP ranks 1.. of such a trial run as single runs
+    (ddp_ranks_join_this_job) and end quietly, since rank 0 speaks for the trial."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     if not multirun:
-        return run_train(cfg)
+        try:
+            return run_train(cfg)
+        except Exception as err:
+            if not (cfg.get("optuna_trial") and is_pruned(err)):
+                raise
+            log.info("%s (this rank ends; rank 0 reports the trial)", err)
+            return None
     argv, env = list(sys.argv), {k: os.environ.get(k) for k in DDP_ENV}
     try:
         ddp_ranks_join_this_job()
         return run_train(cfg)
-    except Exception:
+    except Exception as err:
+        if is_pruned(err):  # the trial's pruner stopped it: not a crash, so no error.txt
+            log.info("%s; the sweeper records it as pruned", err)
+            raise
         import traceback
 
         out = Path(cfg.paths.output_dir)
@@ -134,6 +146,13 @@ def end_process_group(env: dict[str, str | None]) -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def is_pruned(err: Exception) -> bool:
+    """`err` is the pruning callback's optuna.TrialPruned (within/lit/pruning.py)."""
+    from optuna import TrialPruned
+
+    return isinstance(err, TrialPruned)
 
 
 def is_optuna_sweep() -> bool:

@@ -51,6 +51,8 @@ class EnsembleRecipe:
                 OmegaConf.update(sub, str(key), value, merge=False)
             sub.paths.output_dir = str(run_dir if k == 0 else run_dir / "members" / str(k))
             sub.seed = int(cfg.seed)  # the data seed stays: same rows and splits; the model seed shifts below
+            if k > 0:  # a sweep trial's objective is member 0's metric, so only member 0 reports to the pruner
+                sub.pop("optuna_trial", None)
         return sub
 
     def check(self, cfg: DictConfig) -> None:

@@ -1,0 +1,1 @@
+"""within's Hydra sweeper plugin: Hydra's Optuna sweeper, plus pruning (docs/sweeps.md)."""
