@@ -366,12 +366,6 @@ def _progress(enabled: bool, total: int | None, name: str) -> tuple[Any, Any] | 
     return bar, task
 
 
-def _auto_or_bool(value: Any) -> bool | str:
-    if isinstance(value, bool) or value == "auto":
-        return value
-    raise FeatureError(f"distinct_images: {value!r} is not true, false or auto")
-
-
 def run_predict(cfg: Any) -> dict[str, Any]:
     """predict.py's entry (conf/predict.yaml): score cfg.input into cfg.output; prints a JSON summary."""
     import json
@@ -389,7 +383,7 @@ def run_predict(cfg: Any) -> dict[str, Any]:
                           batch_rows=int(cfg.get("batch_rows", 65536)), engine=str(cfg.get("engine", "onnx")),
                           threads=int(cfg.get("threads", 1)), workers=int(cfg.get("workers", 2)),
                           progress=bool(cfg.get("progress", True)),
-                          distinct_images=_auto_or_bool(cfg.get("distinct_images", "auto")))
+                          distinct_images=cfg.get("distinct_images", "auto"))
     summary = result.summary()
     print(json.dumps(summary), flush=True)
     return summary
