@@ -93,13 +93,16 @@ def test_sections_appear_only_with_their_source(tmp_path):
         png(full / name, seed=k)
     (full / "privacy.json").write_text(json.dumps(PRIVACY))
     (full / "fairness.json").write_text(json.dumps(FAIRNESS))
-    (full / "attribution.json").write_text(json.dumps({"importance": {"budget": 0.02, "headline": 0.09}}))
+    (full / "attribution.json").write_text(json.dumps({"split": "test", "n_rows": 50, "method": "gradient",
+                                                       "fields": {"budget": 0.02, "headline": 0.09},
+                                                       "modalities": {"tabular": 0.02, "text": 0.09}}))
     extra = {"Prediction intervals": "- mean width: 0.01\n- coverage: 0.9", "Field-RCE": "| a | b |\n| --- | --- |\n| x | 1 |"}
     page = write_html_report(full, metrics, extra=extra).read_text()
     doc = parse(page)
     ids = doc.ids()
     for present in ("metrics", "curves", "reliability", "region-map", "privacy", "privacy-table", "fairness",
-                    "fairness-worst", "fairness-effect", "attribution", "section-prediction-intervals",
+                    "fairness-worst", "fairness-effect", "attribution", "attribution-table",
+                    "attribution-modalities", "section-prediction-intervals",
                     "section-field-rce", "toc"):
         assert present in ids, present
     assert "2.93" in page and "1e-05" in page and "55+" in page  # privacy epsilon / delta, worst fairness group
@@ -137,6 +140,12 @@ def geo_report(tmp_path_factory) -> Path:
     (report / "fairness.json").write_text(json.dumps(FAIRNESS))
     history = [{"epoch": e, "train/loss": 0.5 - 0.05 * e, "val/logloss": 0.45 - 0.03 * e, "val/auc": 0.6 + 0.02 * e}
                for e in range(4)]
+    from within.postfit.attribution import Attribution
+    from within.postfit.context import PostfitContext
+
+    model.reference = simulate(n=128, seed=33)  # what train.py keeps in the bundle (explain.reference_rows)
+    Attribution().run(PostfitContext(model=model, frames={"test": simulate(n=400, seed=34)}, out_dir=out,
+                                     config={"attribution": {"n_rows": 40}}))
     write_test_report(model, simulate(n=1500, seed=32), report, history=history)
     return report
 
@@ -146,7 +155,8 @@ def test_test_report_writes_index_html_with_the_region_map(geo_report):
         assert (geo_report / name).is_file(), name
     page = (geo_report / "index.html").read_text()
     ids = parse(page).ids()
-    for present in ("metrics", "curves", "reliability", "region-map", "privacy", "fairness"):
+    for present in ("metrics", "curves", "reliability", "region-map", "privacy", "fairness", "attribution",
+                    "attribution-img"):
         assert present in ids, present
     metrics = json.loads((geo_report / "metrics.json").read_text())
     assert f"{metrics['test/auc']:.5f}".rstrip("0") in page
@@ -184,6 +194,6 @@ def test_chromium_renders_the_report(geo_report, tmp_path):
     doc = parse(dom.stdout)
     ids = doc.ids()
     for present in ("metrics", "metrics-table", "curves-img", "reliability-img", "region-map-img", "privacy",
-                    "fairness"):
+                    "fairness", "attribution-img", "attribution-table"):
         assert present in ids, present
     assert "test/auc" in dom.stdout

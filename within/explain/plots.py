@@ -30,8 +30,10 @@ def _save(plt: Any, path: str | Path, title: str) -> Path:
     return path
 
 
-def plot_importance(importance: FeatureImportance, path: str | Path, top: int = 20) -> Path:
-    """Bar chart of mean |attribution| per field (logit scale), largest on top."""
+def plot_importance(importance: FeatureImportance, path: str | Path, top: int = 20,
+                    rows_label: str = "reference rows") -> Path:
+    """Bar chart of mean |attribution| per field (logit scale), largest on top; `rows_label` says
+    which rows were averaged (the title reads "over N <rows_label>")."""
     import shap
 
     plt = _pyplot()
@@ -39,7 +41,7 @@ def plot_importance(importance: FeatureImportance, path: str | Path, top: int = 
     exp = shap.Explanation(values=imp.to_numpy(dtype=np.float64), feature_names=list(imp.index))
     shap.plots.bar(exp, max_display=top, show=False)
     plt.gca().set_xlabel("mean |attribution| (logit)")
-    return _save(plt, path, f"Global importance over {importance.n_rows} reference rows ({importance.method})")
+    return _save(plt, path, f"Global importance over {importance.n_rows} {rows_label} ({importance.method})")
 
 
 def plot_waterfall(explanation: Explanation, path: str | Path, row: int = 0, top: int = 12) -> Path:

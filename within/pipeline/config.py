@@ -23,7 +23,7 @@ TRAIN_KEYS = {
     "paths": dict, "extras": dict, "experiment": (dict, type(None)), "hparams_search": (dict, type(None)),
     "debug": (dict, type(None)), "optimized_metric": (str, type(None)),
     "intervals": dict, "quantize": dict, "export": dict, "text_model": dict, "update": dict,
-    "fairness": dict, "explain": dict,
+    "fairness": dict, "attribution": dict, "explain": dict,
     "optuna_trial": (dict, type(None)),  # set per job by the pruning sweeper (hparams_search=optuna)
 }
 EVALUATE_KEYS = {

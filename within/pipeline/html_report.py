@@ -174,21 +174,25 @@ def effect_table(effect: Mapping[str, Any]) -> str:
 
 
 def attribution_section(report_dir: Path) -> str | None:
+    """attribution.json (the post-fit step `attribution`): per-modality and per-field mean |attribution|."""
     data = _read_json(report_dir / "attribution.json")
     has_png = (report_dir / "attribution.png").is_file()
     if not isinstance(data, Mapping) and not has_png:
         return None
     parts = []
     if isinstance(data, Mapping):
-        importance = data.get("importance", data)
-        if isinstance(importance, Mapping):
-            pairs = sorted(((k, v) for k, v in importance.items() if isinstance(v, (int, float))),
-                           key=lambda kv: -abs(float(kv[1])))
-            parts.append(kv_table(dict(pairs), "attribution-table"))
+        parts.append(f"<p>Mean |attribution| on the logit scale over {_e(data.get('n_rows', '?'))} "
+                     f"{_e(data.get('split', ''))} rows against {_e(data.get('reference_rows', '?'))} reference "
+                     f"training rows, method {_e(data.get('method', '?'))} (report/attribution.json).</p>")
+        for key, element_id in (("modalities", "attribution-modalities"), ("fields", "attribution-table")):
+            values = data.get(key)
+            if isinstance(values, Mapping):
+                pairs = sorted(((k, v) for k, v in values.items() if isinstance(v, (int, float))),
+                               key=lambda kv: -abs(float(kv[1])))
+                parts.append(kv_table(dict(pairs), element_id))
     if has_png:
         parts.append(_figure(report_dir, "attribution", "attribution.png", "Global attribution per field."))
-    return _section("attribution", "Attributions", "<p>Mean absolute attribution per field "
-                    "(report/attribution.json).</p>" + "".join(parts))
+    return _section("attribution", "Attributions", "".join(parts))
 
 
 def render_markdown(text: str) -> str:

@@ -20,6 +20,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from within.postfit.attribution import Attribution
 from within.postfit.calibrate import Calibrate
 from within.postfit.context import PostfitContext, labels_of
 from within.postfit.ensemble import EnsembleReport
@@ -30,7 +31,8 @@ from within.postfit.quantize import Quantize
 
 log = logging.getLogger(__name__)
 MODEL_STATE = ("calibrator", "intervals")
-STEPS: dict[str, type] = {cls.name: cls for cls in (Calibrate, Intervals, EnsembleReport, Quantize, Export, Fairness)}
+STEPS: dict[str, type] = {cls.name: cls for cls in (Calibrate, Intervals, EnsembleReport, Quantize, Export, Fairness,
+                                                      Attribution)}
 
 
 def check_steps(names: list[str]) -> None:
