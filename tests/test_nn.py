@@ -161,7 +161,7 @@ def test_predictor_shapes(name, cross):
     assert out.shape == (12,) and out.dtype == torch.float32 and torch.isfinite(out).all()
     out.sum().backward()
     assert m.feature_extraction(X).shape == (12, m.fused_dim)
-    if cross:
+    if cross and len(m.modalities) > 1:
         assert m.attention_weights(X).shape == (12, len(m.modalities), len(m.modalities))
     else:
         with pytest.raises(RuntimeError, match="use_cross_modal=True"):

@@ -28,7 +28,8 @@ def attention_view(model: Any, X: Any, batch_size: int = 4096) -> dict[str, Any]
                          "it needs an AdPredictorNN model (use explain for other models)")
     net = model.net.eval()
     if getattr(net, "attention", None) is None:
-        raise ValueError("attention_view: this network was built with use_cross_modal=false and has no attention")
+        raise ValueError("attention_view: this network has no attention: it was built with use_cross_modal=false, "
+                         f"or with one modality only ({list(net.modalities)})")
     arrays = processed(model, X)
     parts = []
     for start in range(0, n_rows(arrays), batch_size):

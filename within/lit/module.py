@@ -92,9 +92,12 @@ class AdScoreModule(L.LightningModule):
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._step(batch, "train")
+        return self._step(batch, "train")
+
+    def on_train_epoch_end(self) -> None:
+        # logged once per epoch: a self.log per step moves Lightning's result collection to the
+        # device every step, 1.2 ms of a 12 ms CPU step (docs/throughput.md)
         self.log("train/loss", self.split_loss["train_loss"], on_step=False, on_epoch=True, prog_bar=True)
-        return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")

@@ -43,7 +43,9 @@ def build_net(net_class: str, net_kwargs: dict[str, Any]) -> nn.Module:
     classes = _net_classes()
     if net_class not in classes:
         raise BundleError(f"unknown network class {net_class!r}; known: {sorted(classes)}")
-    return classes[net_class](**net_kwargs)
+    cls = classes[net_class]
+    # a kwarg the saved network predates takes the value that rebuilds it
+    return cls(**{**getattr(cls, "LEGACY_KWARGS", {}), **net_kwargs})
 
 
 @register_model(aliases=("AdScorePredictor",))

@@ -1,4 +1,5 @@
-"""AdaptiveDropout: per-modality dropout rates steered by the generalisation gap and gradient noise.
+"""AdaptiveDropout: per-modality dropout rates steered by the generalisation gap and gradient noise;
+FastDropout: nn.Dropout with a cheaper random mask on CPU.
 
 Dropout itself is Srivastava et al., "Dropout: a simple way to prevent neural networks from
 overfitting" (JMLR 2014), in its inverted form (scale by 1/(1-p) at train time, identity at eval).
@@ -15,6 +16,30 @@ from torch import nn
 
 # Slopes below this are rounding noise from a constant window, not a widening gap.
 _TREND_EPS = 1e-9
+
+
+def keep_mask(shape: Sequence[int], p: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """A bool mask of `shape`, each entry True with probability 1 - p, p rounded to a multiple of 1/65536.
+
+    Four 16-bit lanes come from each 64-bit draw of the global generator (so torch.manual_seed
+    governs it): torch's CPU bernoulli_ makes one draw per element, which made the two tower
+    dropouts 17% of a CTR training step on CPU (docs/throughput.md)."""
+    n = math.prod(int(d) for d in shape)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    return words.view(torch.int16)[:n].view(*shape) >= round(p * 65536) - 32768
+
+
+class FastDropout(nn.Dropout):
+    """nn.Dropout (inverted: scaled by 1/(1-p) in training, identity in eval) whose CPU mask is
+    `keep_mask`, about 5x cheaper than bernoulli_ at [1024, 256]; on other devices it is F.dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        q = round(self.p * 65536) / 65536  # the rate keep_mask draws with
+        return x * keep_mask(x.shape, self.p, x.device).to(x.dtype) * (1.0 / (1.0 - q))
 
 
 class AdaptiveDropout(nn.Module):

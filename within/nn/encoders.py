@@ -13,6 +13,7 @@ import importlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,10 +36,18 @@ class TabularEncoder(nn.Module):
     Args:
         cat_cardinalities: number of indices per categorical field, including 0 = pad and 1 = OOV.
         n_num: width of the numeric block `num`.
-        out_dim: width of the output vector.
+        out_dim: width of the output vector; 0: none (`forward` returns (None, raw)), for a model
+            whose tower reads the raw block alone.
         embedding_dim: one width for every field; None picks `auto_embedding_dim` per field.
         embedding_dims: per-field widths (None entries fall back to `embedding_dim` / the rule).
         sparse: sparse embedding gradients (only the rows a batch touches), for SparseAdam.
+
+    Every field lives in one table (`table`, width max(widths)): field i's value c > 0 is row
+    `offsets[i] + c`, and every field's 0 (pad) is the table's shared zero row 0. One lookup and one
+    (sparse) optimizer update per step instead of one per field: on a CPU, SparseAdam's fixed cost per
+    table dominated a 16-field step. A field narrower than the table reads the first `width` columns
+    of its rows; the columns it never reads are few (only small vocabularies are narrow) and get no
+    gradient. `field_embedding(i)` is field i's [cardinality, width] table.
 
     `forward(cat, num)` returns `(vector [B, out_dim], raw [B, raw_dim])`, where `raw` is the
     concatenated embeddings and numerics: the predictor feeds it to the tower directly too, so
@@ -79,23 +88,59 @@ class TabularEncoder(nn.Module):
         self.embedding_dims = dims
         self.n_num = int(n_num)
         self.out_dim = int(out_dim)
-        self.embeddings = nn.ModuleList(
-            nn.Embedding(c, d, padding_idx=0, sparse=bool(sparse)) for c, d in zip(cards, dims)
-        )
-        for emb in self.embeddings:
+        self.table = None
+        if cards:
+            width = max(dims)
+            # field i's row 0 is the shared pad row 0; its values 1..c-1 follow the fields before it
+            starts = [0]
+            for c in cards[:-1]:
+                starts.append(starts[-1] + c - 1)
+            self.register_buffer("offsets", torch.tensor(starts, dtype=torch.long), persistent=False)
+            self.table = nn.Embedding(1 + sum(c - 1 for c in cards), width, padding_idx=0, sparse=bool(sparse))
             # Small init: with Adam, a unit-scale table moves slowly relative to its size.
-            nn.init.normal_(emb.weight, std=0.05)
+            nn.init.normal_(self.table.weight, std=0.05)
             with torch.no_grad():
-                emb.weight[0].zero_()
+                self.table.weight[0].zero_()
+            narrow = any(d < width for d in dims)
+            cols = [i * width + j for i, d in enumerate(dims) for j in range(d)]
+            self.register_buffer("columns", torch.tensor(cols, dtype=torch.long) if narrow else None,
+                                 persistent=False)
         self.raw_dim = sum(dims) + self.n_num
-        self.proj = nn.Linear(self.raw_dim, self.out_dim)
+        self.proj = nn.Linear(self.raw_dim, self.out_dim) if self.out_dim else None
 
-    def forward(self, cat: torch.Tensor | None, num: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [emb(cat[:, i]) for i, emb in enumerate(self.embeddings)]
+    def rows(self, cat: torch.Tensor) -> torch.Tensor:
+        """Table rows of the codes cat [B, n_cat] (0 -> the pad row 0)."""
+        return torch.where(cat > 0, cat + self.offsets, torch.zeros((), dtype=cat.dtype, device=cat.device))
+
+    def field_embedding(self, i: int) -> torch.Tensor:
+        """Field i's embedding table [cardinality, width] (row 0 is the pad), a view of `table`."""
+        start = int(self.offsets[i])
+        w = self.table.weight
+        return torch.cat([w[:1], w[start + 1:start + self.cat_cardinalities[i]]])[:, :self.embedding_dims[i]]
+
+    def embed(self, cat: torch.Tensor) -> torch.Tensor:
+        """The fields' embeddings, concatenated in field order: [B, sum(embedding_dims)]."""
+        flat = self.table(self.rows(cat)).flatten(1)
+        return flat if self.columns is None else flat.index_select(1, self.columns)
+
+    def forward(self, cat: torch.Tensor | None, num: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        parts = [self.embed(cat)] if self.table is not None else []
         if self.n_num:
             parts.append(num)
         raw = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        return self.proj(raw), raw
+        return (None if self.proj is None else self.proj(raw)), raw
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        # bundles written before the shared table hold one `embeddings.<i>.weight` per field
+        old = [f"{prefix}embeddings.{i}.weight" for i in range(len(self.cat_cardinalities))]
+        if old and all(k in state_dict for k in old):
+            width = max(self.embedding_dims)
+            parts = [torch.zeros(1, width)]
+            for k in old:
+                w = state_dict.pop(k)
+                parts.append(torch.nn.functional.pad(w[1:], (0, width - w.shape[1])))
+            state_dict[f"{prefix}table.weight"] = torch.cat(parts).to(parts[1].dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 class HashedTextEncoder(nn.Module):

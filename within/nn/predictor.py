@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from within.nn.attention import CrossModalAttention
+from within.nn.dropout import FastDropout
 from within.nn.encoders import (
     EmbeddingTextEncoder,
     HashedTextEncoder,
@@ -185,7 +186,8 @@ class AdPredictorNN(nn.Module):
         hidden_dims: tower widths.
         dropout_rate: dropout after each tower block.
         enable_quantum_noise: put a QuantumNoiseLayer (kwargs from `noise`) after the first block.
-        use_cross_modal: add CrossModalAttention over the modality vectors to the tower input.
+        use_cross_modal: add CrossModalAttention over the modality vectors to the tower input
+            (when the model has two or more modalities; a tabular-only model has none).
         attention_heads, attention_dim: CrossModalAttention size.
         text_dim, image_dim: width of the text and image vectors.
         image_encoder: "simple_cnn" or a timm model name.
@@ -210,9 +212,17 @@ class AdPredictorNN(nn.Module):
             (the HierarchyPrior callback updates it between epochs).
         hierarchy_lr_scale: the offsets learn this many times faster than the rest (see HierarchicalEffects).
         sparse_embeddings: the categorical and wide tables get sparse gradients (only the rows a
-            batch touches); AdScoreModule then steps them with SparseAdam beside the configured
+            batch touches); AdScoreModule then steps them with LazyAdam beside the configured
             optimizer (docs/throughput.md). Not with dp_compatible (Opacus needs dense gradients).
+        lean_single_modality: with one modality, leave out what only mixes modalities: the
+            cross-modal attention, and (tabular alone, no cross layers, no adaptive dropout) the
+            tabular vector, a linear copy of the raw embeddings the tower's first layer already
+            reads. The function class is the same and a CTR step 25-35% cheaper. False rebuilds
+            networks saved before this option (bundles without it load that way: LEGACY_KWARGS).
     """
+
+    # kwargs added after networks were first saved, with the value that rebuilds an older network
+    LEGACY_KWARGS = {"lean_single_modality": False}
 
     def __init__(
         self,
@@ -241,6 +251,7 @@ class AdPredictorNN(nn.Module):
         hierarchy_tau: float | Sequence[float] | None = None,
         hierarchy_lr_scale: float = 10.0,
         sparse_embeddings: bool = False,
+        lean_single_modality: bool = True,
     ) -> None:
         # how to rebuild this network from a bundle (NetworkModel saves it beside the weights)
         init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -263,15 +274,19 @@ class AdPredictorNN(nn.Module):
                              "model.net.sparse_embeddings=false with privacy=dp")
         cards = d["cat_cardinalities"]
         self.n_cat = len(cards)
+        has_tabular = bool(cards or d["n_num"])
+        self.lean = bool(lean_single_modality) and has_tabular + bool(d["text_fields"]) + bool(d["image_fields"]) == 1
+        tabular_vector = not (self.lean and has_tabular and not int(cross_layers) and adaptive_dropout is None)
 
         self.modalities: list[str] = []
         vec_dims: dict[str, int] = {}
         fused_dim = 0
-        if cards or d["n_num"]:
-            self.tabular = TabularEncoder(cards, d["n_num"], tabular_dim, embedding_dim, d["cat_embedding_dims"],
-                                          sparse=self.sparse_embeddings)
+        if has_tabular:
+            self.tabular = TabularEncoder(cards, d["n_num"], tabular_dim if tabular_vector else 0, embedding_dim,
+                                          d["cat_embedding_dims"], sparse=self.sparse_embeddings)
             self.modalities.append("tabular")
-            vec_dims["tabular"] = tabular_dim
+            if tabular_vector:
+                vec_dims["tabular"] = tabular_dim
             fused_dim += self.tabular.raw_dim
         # text_embedding_dim > 0: the processor sends sentence embeddings (`text_emb`), not token ids
         self.text_key = "text_emb" if d["text_embedding_dim"] and not d["text_transformer"] else "text"
@@ -324,7 +339,8 @@ class AdPredictorNN(nn.Module):
                 )
 
         self.attention = None
-        if self.use_cross_modal:
+        # one modality has nothing to attend across (lean_single_modality)
+        if self.use_cross_modal and not self.lean:
             self.attention = CrossModalAttention(
                 vec_dims, attention_heads, attention_dim, dropout=dropout_rate, dp_compatible=dp_compatible
             )
@@ -337,7 +353,7 @@ class AdPredictorNN(nn.Module):
             # BatchNorm mixes samples in a batch, which breaks DP-SGD's per-sample clipping.
             layers += [nn.Linear(width, h), nn.LayerNorm(h) if self.dp_compatible else nn.BatchNorm1d(h), nn.ReLU()]
             if dropout_rate > 0:
-                layers.append(nn.Dropout(dropout_rate))
+                layers.append(FastDropout(dropout_rate))
             if i == 0 and enable_quantum_noise:
                 cls = _import_layer("within.nn.noise", "QuantumNoiseLayer", "enable_quantum_noise")
                 layers.append(cls(h, **dict(noise or {})))
@@ -482,6 +498,13 @@ class AdPredictorNN(nn.Module):
                 vec, raw = self.tabular(X.get("cat"), X.get("num"))
                 if self.wide is not None:
                     wide = self.wide(X["cat"] + self.wide_offsets).sum(dim=(1, 2))
+                if vec is None:  # lean: the raw block is the tabular input; a missing row's is zeros
+                    if mask is not None:
+                        keep = mask.to(raw.dtype)
+                        raw = raw * keep.unsqueeze(1)
+                        wide = None if wide is None else wide * keep.to(wide.dtype)
+                        masks[m] = mask
+                    continue
             elif m == "image" and "image_vec" in X:
                 vec = X["image_vec"]  # the image encoder's output, computed outside (once per distinct image)
             elif (key := self.text_key if m == "text" else m) in X:
@@ -519,7 +542,7 @@ class AdPredictorNN(nn.Module):
         return (weights * X["ngram_values"].to(weights.dtype)).sum(dim=1)
 
     def _fuse(self, vecs: dict, masks: dict, raw: torch.Tensor | None) -> torch.Tensor:
-        parts = [vecs[m] for m in self.modalities]
+        parts = [vecs[m] for m in self.modalities if m in vecs]
         if raw is not None:
             parts.append(raw)
         if self.attention is not None:
@@ -549,7 +572,8 @@ class AdPredictorNN(nn.Module):
     def attention_weights(self, X: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Cross-modal attention [B, M, M] for this batch (order: `self.modalities`), no grad."""
         if self.attention is None:
-            raise RuntimeError("attention_weights needs use_cross_modal=True; this model was built without it")
+            raise RuntimeError("attention_weights needs use_cross_modal=True and two or more modalities; this model "
+                               f"was built without attention (modalities: {self.modalities})")
         with torch.no_grad():
             vecs, masks, _, _ = self._encode(X)
             self.attention(vecs, masks)
@@ -621,9 +645,11 @@ class AdPredictorNN(nn.Module):
         for m in self.modalities:
             keep = embedded[f"mask_{m}"]
             if m == "tabular":
-                raw = embedded["tabular"]
-                vec = self.tabular.proj(raw)
-                raw = raw * keep.to(raw.dtype).unsqueeze(1)
+                raw = embedded["tabular"] * keep.to(embedded["tabular"].dtype).unsqueeze(1)
+                if self.tabular.proj is None:  # lean: no tabular vector
+                    masks[m] = keep > 0.5
+                    continue
+                vec = self.tabular.proj(embedded["tabular"])
             elif m == "text":
                 vec = self.text.proj(embedded["text"].reshape(b, -1).to(self.text.proj.weight.dtype))
             else:
