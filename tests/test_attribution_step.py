@@ -72,3 +72,19 @@ def test_no_reference_sample_skips_the_step_with_the_setting_to_change(model):
 def test_bad_n_rows_names_the_setting(model, tmp_path):
     with pytest.raises(ValueError, match="attribution.n_rows"):
         Attribution().run(context(model, tmp_path, n_rows=0))
+
+
+def test_train_with_the_attribution_step_puts_it_in_the_run_report(tmp_path):
+    """python train.py "postfit=[calibrate,export,attribution]" (the README's command)."""
+    from tests.conftest import FAST, compose_cfg
+    from within.pipeline.train import run_train
+
+    run_train(compose_cfg("train", [*FAST, "postfit=[calibrate,export,attribution]", "export.onnx=false",
+                                    "attribution.n_rows=50"], out_dir=tmp_path))
+    report = json.loads((tmp_path / "report" / "attribution.json").read_text())
+    assert report["n_rows"] == 50 and report["split"] == "test"
+    assert {"tabular", "text", "image"} <= set(report["modalities"])  # the simulator's three modalities
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert 'id="attribution-table"' in page and 'id="attribution-img"' in page
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["attribution/tabular"] == pytest.approx(report["modalities"]["tabular"])
