@@ -56,6 +56,19 @@ def test_run_writes_bundle_and_report(trained):
     assert metrics["test/auc"] > 0.6
 
 
+def test_the_training_curve_pairs_each_epoch_with_its_own_losses(trained):
+    """report/history.json (the curve's rows) holds, for each epoch, the losses the CSV logger logged
+    for that epoch: no row may carry the previous epoch's values."""
+    import pandas as pd
+
+    history = json.loads((trained / "report" / "history.json").read_text())
+    logged = pd.read_csv(trained / "csv" / "metrics.csv").groupby("epoch").first()
+    assert [row["epoch"] for row in history] == [0.0, 1.0]
+    for row in history:
+        for key in ("train/loss", "val/logloss"):
+            assert row[key] == pytest.approx(logged.loc[row["epoch"], key], rel=1e-6), (row["epoch"], key)
+
+
 def test_evaluate_reproduces_train_metrics(trained, tmp_path):
     train_metrics = json.loads((trained / "report" / "metrics.json").read_text())
     cfg = compose_cfg("evaluate", [f"bundle={trained / 'bundle'}", f"data.source.n={TRAINED_ROWS}"], out_dir=tmp_path)

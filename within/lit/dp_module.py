@@ -180,6 +180,7 @@ class DPAdScoreModule(AdScoreModule):
         impressions = batch["weight"].sum()
         if n:
             self.split_loss["train_loss"].update(loss_sum / impressions, weight=impressions)
+        self.log_train_loss()
         if self.scheduler_factory is not None and self.hparams.scheduler_interval == "step":
             self.lr_schedulers().step()
         return loss_sum.detach()
@@ -200,7 +201,6 @@ class DPAdScoreModule(AdScoreModule):
         return per.detach().sum()
 
     def on_train_epoch_end(self) -> None:
-        super().on_train_epoch_end()  # logs train/loss
         if self.scheduler_factory is not None and self.hparams.scheduler_interval == "epoch":
             self.lr_schedulers().step()
 

@@ -58,6 +58,7 @@ def write_test_report(model: Any, frame: pd.DataFrame, report_dir: Path, split: 
     plot_reliability(curves, y, report_dir / "reliability.png", truth=truth, weight=weight)
     if history:
         plot_training_curve(history, report_dir / "training_curve.png")
+        (report_dir / "history.json").write_text(json.dumps(history, indent=1))  # the curve's numbers
     plot_region_map(getattr(model, "calibrator", None), report_dir / "region_map.png")
     if extra_metrics is not None:
         out.update(extra_metrics(frame))
