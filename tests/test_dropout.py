@@ -193,3 +193,22 @@ def test_tuner_callback_raises_rates_on_widening_gap(tmp_path):
     assert rates["text"] == pytest.approx(0.15) and rates["tabular"] == pytest.approx(0.15)
     assert rates["image"] == pytest.approx(0.2)
     assert float(trainer.callback_metrics["train/dropout_tabular"]) == pytest.approx(rates["tabular"])
+
+
+def test_fast_dropout_keeps_the_rate_scale_and_seed():
+    """FastDropout (the tower's dropout): drops about p of the entries, scales the rest so the mean is
+    kept, is the identity in eval mode, and repeats under torch.manual_seed."""
+    from within.nn.dropout import FastDropout, keep_mask
+
+    layer = FastDropout(0.2).train()
+    x = torch.ones(1000, 500)
+    torch.manual_seed(4)
+    y = layer(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.2) < 0.005
+    assert abs(y.mean().item() - 1.0) < 0.01
+    torch.manual_seed(4)
+    assert torch.equal(layer(x), y)
+    assert torch.equal(layer.eval()(x), x)
+    lanes = keep_mask((100_000, 4), 0.5).float().mean(dim=0)  # column j: lane j of every 64-bit draw
+    assert torch.allclose(lanes, torch.full((4,), 0.5), atol=0.01)

@@ -56,3 +56,21 @@ def test_the_lean_default_drops_only_what_one_modality_cannot_use():
                                    atol=1e-5)
         # a missing row's tabular input is zeros: every missing row scores the same
         assert torch.allclose(out[1::2], out[1].expand(16))
+
+
+def test_the_shared_table_gives_each_field_its_own_rows_and_a_zero_pad():
+    from within.nn.encoders import TabularEncoder
+
+    enc = TabularEncoder([5, 300, 40], n_num=0, out_dim=0, embedding_dims=[2, 8, 5])
+    cat = batch()["cat"]
+    raw = enc.embed(cat)
+    assert raw.shape == (32, 15)
+    start = 0
+    for i, width in enumerate(enc.embedding_dims):
+        table = enc.field_embedding(i)
+        assert table.shape == (enc.cat_cardinalities[i], width)
+        assert torch.equal(raw[:, start:start + width], table[cat[:, i]])
+        start += width
+    assert torch.equal(enc.embed(torch.zeros(2, 3, dtype=torch.long)), torch.zeros(2, 15))  # pad: zeros
+    rows = enc.rows(cat)
+    assert len(set(rows[:, 0].tolist()) & set(rows[:, 1].tolist()) - {0}) == 0  # fields never share a row

@@ -1,4 +1,4 @@
-"""Sparse embeddings + SparseAdam beside the configured optimizer (within/lit/optim.py)."""
+"""Sparse embeddings + LazyAdam beside the configured optimizer (within/lit/optim.py)."""
 from __future__ import annotations
 
 import functools
@@ -92,3 +92,30 @@ def test_lightning_fit_with_sparse_embeddings_and_a_scheduler(tmp_path):
     dense = _fit(tmp_path / "dense", sparse=False)
     gap = float(trainer.callback_metrics["val/auc"]) - float(dense.callback_metrics["val/auc"])
     assert abs(gap) < 0.05
+
+
+def test_lazy_adam_takes_the_steps_sparse_adam_takes():
+    """The same update as torch.optim.SparseAdam (duplicate ids summed, pad rows untouched, bias
+    correction per step), with the same state keys; dense gradients are refused."""
+    from within.lit.optim import LazyAdam
+
+    torch.manual_seed(0)
+    ours, ref = (torch.nn.Embedding(300, 6, sparse=True, padding_idx=0) for _ in range(2))
+    ref.weight.data.copy_(ours.weight.data)
+    opt, ref_opt = LazyAdam(ours.parameters(), lr=0.02), torch.optim.SparseAdam(ref.parameters(), lr=0.02)
+    g = torch.Generator().manual_seed(3)
+    for step in range(15):
+        ids = torch.randint(0, 300, (128, 4), generator=g)
+        ids[:8] = 0  # padding rows get no gradient
+        scale = float(step + 1)
+        for emb, o in ((ours, opt), (ref, ref_opt)):
+            o.zero_grad()
+            (emb(ids) ** 2).sum().mul(scale).backward()
+            o.step()
+    assert torch.allclose(ours.weight, ref.weight, atol=1e-6)
+    assert ours.weight[0].abs().max() == 0
+    assert set(opt.state_dict()["state"][0]) == set(ref_opt.state_dict()["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    dense = torch.nn.Parameter(torch.zeros(3, 2))
+    dense.grad = torch.ones(3, 2)
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        LazyAdam([dense]).step()

@@ -133,7 +133,7 @@ class AdScoreModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         from within.lit.optim import build_optimizer, sparse_parameters
 
-        # sparse_embeddings=true: SparseAdam for the embedding tables beside the configured optimizer
+        # sparse_embeddings=true: LazyAdam for the embedding tables beside the configured optimizer
         optimizer = build_optimizer(self.optimizer_factory, [p for p in self.parameters() if p.requires_grad],
                                     sparse_parameters(self))
         if self.scheduler_factory is None:

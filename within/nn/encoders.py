@@ -40,11 +40,11 @@ class TabularEncoder(nn.Module):
             whose tower reads the raw block alone.
         embedding_dim: one width for every field; None picks `auto_embedding_dim` per field.
         embedding_dims: per-field widths (None entries fall back to `embedding_dim` / the rule).
-        sparse: sparse embedding gradients (only the rows a batch touches), for SparseAdam.
+        sparse: sparse embedding gradients (only the rows a batch touches), for LazyAdam.
 
     Every field lives in one table (`table`, width max(widths)): field i's value c > 0 is row
     `offsets[i] + c`, and every field's 0 (pad) is the table's shared zero row 0. One lookup and one
-    (sparse) optimizer update per step instead of one per field: on a CPU, SparseAdam's fixed cost per
+    (sparse) optimizer update per step instead of one per field: on a CPU, a sparse update's fixed cost per
     table dominated a 16-field step. A field narrower than the table reads the first `width` columns
     of its rows; the columns it never reads are few (only small vocabularies are narrow) and get no
     gradient. `field_embedding(i)` is field i's [cardinality, width] table.
