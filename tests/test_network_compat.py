@@ -74,3 +74,19 @@ def test_the_shared_table_gives_each_field_its_own_rows_and_a_zero_pad():
     assert torch.equal(enc.embed(torch.zeros(2, 3, dtype=torch.long)), torch.zeros(2, 15))  # pad: zeros
     rows = enc.rows(cat)
     assert len(set(rows[:, 0].tolist()) & set(rows[:, 1].tolist()) - {0}) == 0  # fields never share a row
+
+
+def test_the_recipe_records_kwargs_that_rebuild_the_network_it_trained():
+    """train.py's bundle rebuilds the trained structure: a tabular-only (lean) network, whose config
+    does not name lean_single_modality, must not come back with LEGACY_KWARGS' old structure."""
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg("train", ["model.net.hidden_dims=[16]"])
+    recipe = instantiate(cfg.model, _recursive_=False)
+    module, net_class, net_kwargs = recipe.build_module(cfg, dict(TAB))
+    rebuilt = build_net(net_class, net_kwargs)
+    trained = {k: tuple(v.shape) for k, v in module.net.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == trained
+    assert module.net.attention is None and rebuilt.attention is None

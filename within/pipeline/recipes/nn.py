@@ -35,8 +35,10 @@ class NNRecipe:
         """(module, network class name, the network's kwargs for the bundle)."""
         extra = {"dp_compatible": True} if privacy_enabled(cfg) else {}  # no BatchNorm, DP attention
         net = instantiate(self.net, input_dim=input_dim, _convert_="all", **extra)
-        net_kwargs = OmegaConf.to_container(self.net, resolve=True)
-        net_kwargs.pop("_target_")
+        # every argument the network was built with, defaults included: the bundle must rebuild this
+        # structure, not what a later default (or LEGACY_KWARGS) would give
+        net_kwargs = dict(getattr(net, "init_kwargs", None) or OmegaConf.to_container(self.net, resolve=True))
+        net_kwargs.pop("_target_", None)
         net_kwargs.update(input_dim=input_dim, **extra)
         module = AdScoreModule(
             net=net, optimizer=instantiate(self.optimizer),
