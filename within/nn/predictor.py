@@ -498,11 +498,12 @@ class AdPredictorNN(nn.Module):
                 vec, raw = self.tabular(X.get("cat"), X.get("num"))
                 if self.wide is not None:
                     wide = self.wide(X["cat"] + self.wide_offsets).sum(dim=(1, 2))
-                if vec is None:  # lean: the raw block is the tabular input; a missing row's is zeros
+                if mask is not None:  # a missing row's raw block and wide term are zeros
+                    keep = mask.to(raw.dtype)
+                    raw = raw * keep.unsqueeze(1)
+                    wide = None if wide is None else wide * keep.to(wide.dtype)
+                if vec is None:  # lean: no tabular vector, the raw block is the tabular input
                     if mask is not None:
-                        keep = mask.to(raw.dtype)
-                        raw = raw * keep.unsqueeze(1)
-                        wide = None if wide is None else wide * keep.to(wide.dtype)
                         masks[m] = mask
                     continue
             elif m == "image" and "image_vec" in X:
@@ -520,10 +521,6 @@ class AdPredictorNN(nn.Module):
                 vec = fill
             elif mask is not None:
                 vec = torch.where(mask.unsqueeze(1), vec, fill)
-                if m == "tabular":
-                    keep = mask.to(raw.dtype)
-                    raw = raw * keep.unsqueeze(1)
-                    wide = None if wide is None else wide * keep.to(wide.dtype)
             if self.modality_dropout is not None:
                 vec = self.modality_dropout(vec, m)
             vecs[m] = vec
