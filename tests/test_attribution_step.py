@@ -88,3 +88,14 @@ def test_train_with_the_attribution_step_puts_it_in_the_run_report(tmp_path):
     assert 'id="attribution-table"' in page and 'id="attribution-img"' in page
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["attribution/tabular"] == pytest.approx(report["modalities"]["tabular"])
+
+
+@pytest.mark.parametrize("override,key", [("attribution.n_rows=abc", "attribution.n_rows"),
+                                          ("attribution.method=shapley", "attribution.method")])
+def test_a_bad_attribution_setting_stops_the_run_before_training(override, key):
+    from tests.conftest import compose_cfg
+    from within.pipeline.config import ConfigError, validate_config
+
+    cfg = compose_cfg("train", ["postfit=[calibrate,attribution]", override])
+    with pytest.raises(ConfigError, match=key):
+        validate_config(cfg)

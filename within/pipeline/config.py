@@ -149,6 +149,15 @@ def _check_train_semantics(cfg: DictConfig) -> None:
         if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
             raise ConfigError(f"quantize.calibration_rows: must be an integer >= 1 (calib rows for SmoothQuant's "
                               f"activation ranges), got {rows!r}")
+    if "attribution" in (cfg.get("postfit") or []) and cfg.get("attribution"):
+        rows = cfg.attribution.get("n_rows", 200)
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
+            raise ConfigError(f"attribution.n_rows: must be an integer >= 1 (test rows explained), got {rows!r}")
+        from within.explain.attribution import METHODS
+
+        method = cfg.attribution.get("method", "auto")
+        if method not in METHODS:
+            raise ConfigError(f"attribution.method: must be one of {list(METHODS)}, got {method!r}")
 
 
 def _check_type(key: str, value: Any, expected: Any) -> None:
