@@ -26,7 +26,12 @@ def keep_mask(shape: Sequence[int], p: float, device: torch.device | str | None 
     dropouts 17% of a CTR training step on CPU (docs/throughput.md)."""
     n = math.prod(int(d) for d in shape)
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
-    return words.view(torch.int16)[:n].view(*shape) >= round(p * 65536) - 32768
+    return words.view(torch.int16)[:n].view(*shape) >= round(quantised_rate(p) * 65536) - 32768
+
+
+def quantised_rate(p: float) -> float:
+    """The drop rate keep_mask draws with: p rounded to a multiple of 1/65536."""
+    return round(p * 65536) / 65536
 
 
 class FastDropout(nn.Dropout):
@@ -38,8 +43,8 @@ class FastDropout(nn.Dropout):
             return x
         if x.device.type != "cpu" or self.inplace:
             return super().forward(x)
-        q = round(self.p * 65536) / 65536  # the rate keep_mask draws with
-        return x * keep_mask(x.shape, self.p, x.device).to(x.dtype) * (1.0 / (1.0 - q))
+        scale = 1.0 / (1.0 - quantised_rate(self.p))
+        return x * keep_mask(x.shape, self.p, x.device).to(x.dtype) * scale
 
 
 class AdaptiveDropout(nn.Module):
