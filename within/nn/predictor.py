@@ -38,6 +38,7 @@ from torch import nn
 
 from within.nn.attention import CrossModalAttention
 from within.nn.dropout import FastDropout
+from within.nn.lookup import IndexAddEmbedding
 from within.nn.encoders import (
     EmbeddingTextEncoder,
     HashedTextEncoder,
@@ -283,7 +284,8 @@ class AdPredictorNN(nn.Module):
         fused_dim = 0
         if has_tabular:
             self.tabular = TabularEncoder(cards, d["n_num"], tabular_dim if tabular_vector else 0, embedding_dim,
-                                          d["cat_embedding_dims"], sparse=self.sparse_embeddings)
+                                          d["cat_embedding_dims"], sparse=self.sparse_embeddings,
+                                          fast_backward=not self.dp_compatible)
             self.modalities.append("tabular")
             if tabular_vector:
                 vec_dims["tabular"] = tabular_dim
@@ -372,7 +374,8 @@ class AdPredictorNN(nn.Module):
 
         self.wide = None
         if use_wide and cards:
-            self.wide = nn.Embedding(sum(cards), 1, sparse=self.sparse_embeddings)
+            self.wide = (nn.Embedding if self.dp_compatible else IndexAddEmbedding)(
+                sum(cards), 1, sparse=self.sparse_embeddings)
             nn.init.zeros_(self.wide.weight)
             offsets = torch.tensor([0] + cards[:-1], dtype=torch.long).cumsum(0)
             self.register_buffer("wide_offsets", offsets, persistent=False)
