@@ -9,6 +9,7 @@ import pytest
 
 from tests.test_serve_bundle import frame, tiny_bundle
 from within.calibration import PlattScaling, SplineCalibrator, TemperatureScaling
+from within.data.simulator import simulate
 from within.features.records import RecordEncoder
 from within.features.spec import FeatureError
 from within.models.onnx_scorer import OnnxScorer, affine_of, distinct_rows, find_graph
@@ -174,3 +175,36 @@ def test_image_split_encodes_each_distinct_image_once_and_agrees(multimodal):
     assert seen[0] == (["image"], n_distinct) and n_distinct < len(records)
     with pytest.raises(ValueError, match="image_graph: pass it with the one graph that takes `image_vec`"):
         OnnxScorer.from_model(model, graph=_graph(model), image_graph=image_graph)
+
+
+def test_the_exported_graph_is_the_image_pair_composed_and_cuts_back_into_it(tmp_path):
+    """export_onnx writes one graph (image encoder -> image_vec -> rest, calibration folded in) that
+    scores as the torch model, and split_image_graph cuts the pair out of it without exporting again."""
+    from within.postfit.export import IMAGE_SPLIT_KEY, export_onnx, split_image_graph
+
+    bundle = tiny_bundle(tmp_path, n=600, calibrator="temperature", onnx=True)
+    model = load_model(bundle)
+    found = find_graph(bundle)
+    info = export_onnx(model, simulate(n=300, seed=4), tmp_path / "again.onnx")
+    assert info["output"] == "probability" and info["max_abs_diff"] < 1e-5 and "image_split" in info
+    df = frame(40, seed=9)
+    df = pd.concat([df, df.iloc[:20]], ignore_index=True)
+    whole = OnnxScorer.from_model(model, graph=found)
+    assert whole.output == "probability" and "image" in whole._inputs[0]
+    assert_agrees(whole, model, df)
+    image_graph, rest_graph = split_image_graph(found)
+    split = OnnxScorer.from_model(model, graph=rest_graph, image_graph=image_graph)
+    assert "image_vec" in split._inputs[0] and "image" not in split._inputs[0]
+    assert_agrees(split, model, df)
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(found)).metadata_props}
+    assert meta[IMAGE_SPLIT_KEY] == "image_vec"
+    assert split_image_graph(_graph(model)) is None          # a graph exported in one piece is not cut
+
+
+def test_a_bundle_without_images_exports_one_graph(tmp_path):
+    from within.postfit.export import split_image_graph
+
+    bundle = tiny_bundle(tmp_path, n=600, image=False, onnx=True)
+    assert split_image_graph(find_graph(bundle)) is None

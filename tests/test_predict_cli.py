@@ -182,15 +182,22 @@ def test_intervals_on_a_bundle_without_them_is_refused(tmp_path):
     assert res.rows == 30
 
 
-def test_distinct_images_auto_splits_only_a_large_parquet_file(run, parquet_file, tmp_path, monkeypatch):
+def test_distinct_images_auto_cuts_a_composed_graph_and_exports_only_for_a_large_file(run, parquet_file, tmp_path,
+                                                                                       monkeypatch):
     import within.serve.batch as batch
 
+    # the export step composed the graph at image_vec: cutting it costs milliseconds, so auto always does
+    cut = predict_file(run / "bundle", parquet_file, tmp_path / "cut.parquet", progress=False)
+    assert "cut at image_vec" in cut.graph and "distinct image" in cut.graph
+    # an older graph must be exported again to split: only worth it for a large file
+    monkeypatch.setattr(batch, "_graph_has_image_seam", lambda bundle: False)
     small = predict_file(run / "bundle", parquet_file, tmp_path / "a.parquet", progress=False)
     assert "distinct image" not in small.graph  # 300 rows: the export would cost more than it saves
     monkeypatch.setattr(batch, "DISTINCT_IMAGES_MIN_ROWS", ROWS)
     large = predict_file(run / "bundle", parquet_file, tmp_path / "b.parquet", progress=False)
     assert "distinct image" in large.graph
-    np.testing.assert_allclose(pd.read_parquet(tmp_path / "a.parquet")["score"],
-                               pd.read_parquet(tmp_path / "b.parquet")["score"], atol=1e-6, rtol=0)
+    for other in ("a", "b"):
+        np.testing.assert_allclose(pd.read_parquet(tmp_path / "cut.parquet")["score"],
+                                   pd.read_parquet(tmp_path / f"{other}.parquet")["score"], atol=1e-6, rtol=0)
     with pytest.raises(FeatureError, match="distinct_images: 'yes' is not true, false or auto"):
         predict_file(run / "bundle", parquet_file, tmp_path / "c.parquet", progress=False, distinct_images="yes")

@@ -148,8 +148,6 @@ def trace_and_check(scorer: ScoringGraph, output: str, arrays: dict[str, np.ndar
                     check_rows: int, opset: int = 18, verbose: bool = False) -> tuple[Any, dict[str, Any]]:
     """Export `scorer` (dynamic batch axis, traced on `sample_rows` rows) and compare ONNX Runtime with
     torch on `check_rows` rows. Returns (the ONNX program, info with max_abs_diff)."""
-    import onnxruntime as ort
-
     keys = scorer.input_keys(arrays)
     sample = {k: torch.as_tensor(arrays[k][:sample_rows]) for k in keys}
     if len(next(iter(sample.values()))) < 2:
@@ -158,22 +156,37 @@ def trace_and_check(scorer: ScoringGraph, output: str, arrays: dict[str, np.ndar
     with quiet_exporter(verbose):
         program = torch.onnx.export(scorer, (), kwargs=sample, dynamic_shapes={k: {0: batch} for k in keys},
                                     dynamo=True, opset_version=opset, output_names=[output], verbose=verbose)
-    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    onnx_out = session.run(None, {i.name: arrays[i.name][:check_rows] for i in session.get_inputs()})[0]
-    with torch.no_grad():
-        torch_out = scorer(**{k: torch.as_tensor(arrays[k][:check_rows]) for k in keys}).numpy()
-    diff = float(np.max(np.abs(onnx_out.astype(np.float64) - torch_out.astype(np.float64))))
+    diff = _graph_diff(program.model_proto.SerializeToString(), scorer, arrays, check_rows)
     return program, {"inputs": keys, "output": output, "opset": opset, "exporter": "torch.onnx dynamo",
-                     "check_rows": len(onnx_out), "max_abs_diff": diff}
+                     "check_rows": min(check_rows, len(arrays[keys[0]])), "max_abs_diff": diff}
+
+
+IMAGE_SPLIT_KEY = "within.image_split"  # metadata of a graph composed as image encoder -> `image_vec` -> rest
 
 
 def export_onnx(predictor: Any, frame: Any, path: Any, sample_rows: int = 64, check_rows: int = 256,
                 opset: int = 18, verbose: bool = False) -> dict[str, Any]:
-    """Write `path` (ONNX) and compare ONNX Runtime with torch on `check_rows` rows of `frame`."""
+    """Write `path` (ONNX) and compare ONNX Runtime with torch on `check_rows` rows of `frame`.
+
+    A single network with an image modality is exported as two graphs composed into one
+    (`image` -> image encoder -> `image_vec` -> rest, marked with IMAGE_SPLIT_KEY), so batch
+    inference can cut it back into the pair in milliseconds (`split_image_graph`) and encode each
+    distinct image once, instead of exporting the pair again at load."""
     scorer, output = build_scorer(predictor)
     arrays = predictor.processor.transform(frame.iloc[: max(sample_rows, check_rows)])
-    program, info = trace_and_check(scorer, output, arrays, sample_rows, check_rows, opset, verbose)
-    program.save(str(path))
+    if _has_image_net(predictor, arrays):
+        image, rest, info = image_pair(predictor, arrays, sample_rows, fold_calibration=True, opset=opset,
+                                       verbose=verbose)
+        graph = compose_image_split(image, rest)
+        diff = _graph_diff(graph.SerializeToString(), scorer, arrays, check_rows)
+        import onnx
+
+        onnx.save(graph, str(path))
+        info.update({"max_abs_diff": diff, "check_rows": min(check_rows, len(arrays["image"])),
+                     "image_split": "image -> image_vec -> rest (split_image_graph cuts it at load)"})
+    else:
+        program, info = trace_and_check(scorer, output, arrays, sample_rows, check_rows, opset, verbose)
+        program.save(str(path))
     return {"path": str(path), **info,
             "calibration": "folded into the graph" if output == "probability"
             else "not folded: apply calibration.json to the logit output"}
@@ -190,35 +203,96 @@ def export_onnx_bytes(predictor: Any, arrays: dict[str, np.ndarray], opset: int 
     return program.model_proto.SerializeToString(), {**info, "members": len(members_of(predictor))}
 
 
-def image_split_bytes(predictor: Any, arrays: dict[str, np.ndarray], opset: int = 18) -> tuple[bytes, bytes, dict[str, Any]]:
-    """A single network's graph in two parts, for scoring many rows that share few images (batch
-    inference: 1M simulator rows hold ~4k ads): `image` [U, fields, C, S, S] uint8 -> `image_vec`
-    [U, D] (the image encoder, run once per distinct image), and the rest of the network with
-    `image_vec` [B, D] per row in place of the pixels (outputs the LOGIT, like export_onnx_bytes).
-    Both are checked together against torch on `arrays`. Returns (image graph, rest graph, info)."""
+def _has_image_net(predictor: Any, arrays: dict[str, np.ndarray]) -> bool:
+    members = members_of(predictor)
+    return len(members) == 1 and "image" in getattr(members[0].net, "modalities", ()) and "image" in arrays
+
+
+def _graph_diff(graph: bytes, scorer: ScoringGraph, arrays: dict[str, np.ndarray], rows: int) -> float:
+    """max |ONNX Runtime - torch| of `scorer` on the first `rows` rows of `arrays`."""
     import onnxruntime as ort
 
-    members = members_of(predictor)
-    net = members[0].net if len(members) == 1 else None
-    if net is None or "image" not in getattr(net, "modalities", ()) or "image" not in arrays:
-        raise ValueError("image_split_bytes: needs one network with an image modality and `image` in the arrays")
-    rest, output = build_scorer(predictor, fold_calibration=False)
+    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {i.name: arrays[i.name][:rows] for i in session.get_inputs()})[0]
+    with torch.no_grad():
+        want = scorer(**{k: torch.as_tensor(arrays[k][:rows]) for k in scorer.input_keys(arrays)}).numpy()
+    return float(np.max(np.abs(onnx_out.astype(np.float64) - want.astype(np.float64))))
+
+
+def image_pair(predictor: Any, arrays: dict[str, np.ndarray], sample_rows: int | None = None,
+               fold_calibration: bool = False, opset: int = 18, verbose: bool = False) -> tuple[Any, Any, dict[str, Any]]:
+    """A single network's graph in two parts (ONNX ModelProtos): `image` [U, fields, C, S, S] uint8 ->
+    `image_vec` [U, D] (the image encoder), and the rest of the network with `image_vec` [B, D] per
+    row in place of the pixels. Traced on the first `sample_rows` rows (all by default); each part
+    is checked against torch on them. Returns (image graph, rest graph, info)."""
+    import onnxruntime as ort
+
+    if not _has_image_net(predictor, arrays):
+        raise ValueError("image_split: needs one network with an image modality and `image` in the arrays")
+    rows = len(arrays["image"]) if sample_rows is None else min(int(sample_rows), len(arrays["image"]))
+    if rows < 2:
+        raise ValueError("image_split: need at least 2 rows to trace a dynamic batch axis")
+    rest, output = build_scorer(predictor, fold_calibration=fold_calibration)
     encoder = copy.deepcopy(rest.nets[0].image).eval()
-    images = torch.as_tensor(arrays["image"])
-    if len(images) < 2:
-        raise ValueError("image_split_bytes: need at least 2 rows to trace a dynamic batch axis")
-    with quiet_exporter():
+    images = torch.as_tensor(arrays["image"][:rows])
+    with quiet_exporter(verbose):
         image_program = torch.onnx.export(encoder, (images,), dynamic_shapes=({0: torch.export.Dim("images")},),
                                           dynamo=True, opset_version=opset, input_names=["image"],
                                           output_names=["image_vec"])
     with torch.no_grad():
         vectors = encoder(images).numpy()
-    rest_arrays = {k: v for k, v in arrays.items() if k != "image"} | {"image_vec": vectors}
-    rest_program, info = trace_and_check(rest, output, rest_arrays, len(images), len(images), opset)
-    image_graph = image_program.model_proto.SerializeToString()
-    session = ort.InferenceSession(image_graph, providers=["CPUExecutionProvider"])
-    image_diff = float(np.max(np.abs(session.run(None, {"image": arrays["image"]})[0] - vectors)))
-    return image_graph, rest_program.model_proto.SerializeToString(), {**info, "image_max_abs_diff": image_diff}
+    rest_arrays = {k: v[:rows] for k, v in arrays.items() if k != "image"} | {"image_vec": vectors}
+    rest_program, info = trace_and_check(rest, output, rest_arrays, rows, rows, opset, verbose)
+    image_graph = image_program.model_proto
+    session = ort.InferenceSession(image_graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    image_diff = float(np.max(np.abs(session.run(None, {"image": arrays["image"][:rows]})[0] - vectors)))
+    return image_graph, rest_program.model_proto, {**info, "image_max_abs_diff": image_diff}
+
+
+def image_split_bytes(predictor: Any, arrays: dict[str, np.ndarray], opset: int = 18) -> tuple[bytes, bytes, dict[str, Any]]:
+    """`image_pair` as bytes, the rest graph outputting the LOGIT (like export_onnx_bytes), for batch
+    inference (1M simulator rows hold ~4k ads). Returns (image graph, rest graph, info)."""
+    image, rest, info = image_pair(predictor, arrays, opset=opset)
+    return image.SerializeToString(), rest.SerializeToString(), info
+
+
+def compose_image_split(image: Any, rest: Any) -> Any:
+    """One graph from the pair: the image encoder's names get a prefix (both graphs come from the
+    same exporter, so their internal names collide), its `image_vec` feeds the rest's."""
+    from onnx import compose, helper
+
+    image = compose.add_prefix(image, "image_encoder/", rename_inputs=False, rename_outputs=False)
+    graph = compose.merge_models(image, rest, io_map=[("image_vec", "image_vec")])
+    helper.set_model_props(graph, {IMAGE_SPLIT_KEY: "image_vec"})
+    return graph
+
+
+def _load_graph(graph: bytes | str | Any) -> Any:
+    import onnx
+
+    if isinstance(graph, onnx.ModelProto):
+        return graph
+    return onnx.load_from_string(graph) if isinstance(graph, bytes) else onnx.load(str(graph))
+
+
+def has_image_seam(graph: bytes | str | Any) -> bool:
+    """Whether `compose_image_split` made this graph (so `split_image_graph` can cut it)."""
+    return {p.key: p.value for p in _load_graph(graph).metadata_props}.get(IMAGE_SPLIT_KEY) == "image_vec"
+
+
+def split_image_graph(graph: bytes | str | Any) -> tuple[bytes, bytes] | None:
+    """(image graph, rest graph) cut from a graph `compose_image_split` made, else None."""
+    import onnx
+
+    model = _load_graph(graph)
+    if not has_image_seam(model):
+        return None
+    extractor = onnx.utils.Extractor(model)
+    outputs = [o.name for o in model.graph.output]
+    rest_inputs = [i.name for i in model.graph.input if i.name != "image"] + ["image_vec"]
+    image = extractor.extract_model(["image"], ["image_vec"])
+    rest = extractor.extract_model(rest_inputs, outputs)
+    return image.SerializeToString(), rest.SerializeToString()
 
 
 class Export:

@@ -33,8 +33,10 @@ log = logging.getLogger(__name__)
 ENGINES = ("onnx", "torch")
 FORMATS = (".parquet", ".pq", ".csv")
 SCORE, LOWER, UPPER = "score", "lower", "upper"
-# break-even of distinct_images=auto: the ~9 s split export against ~1.7 us saved per simulator row
-# (benchmarks/batch_predict.py, 1M rows: 130k rows/s split against 107k rows/s with the one graph)
+# break-even of distinct_images=auto for a bundle whose graph must be split by exporting it again:
+# the ~9 s export against ~1.7 us saved per simulator row (benchmarks/batch_predict.py, 1M rows:
+# 130k rows/s split against 107k rows/s with the one graph). A graph the export step composed at
+# `image_vec` is cut in milliseconds, so auto always splits it.
 DISTINCT_IMAGES_MIN_ROWS = 5_000_000
 
 
@@ -252,6 +254,14 @@ class _Writer:
             self.writer.close()
 
 
+def _graph_has_image_seam(bundle: Path) -> bool:
+    from within.models.onnx_scorer import find_graph
+    from within.postfit.export import has_image_seam
+
+    found = find_graph(bundle)
+    return found is not None and has_image_seam(found)
+
+
 def predict_file(bundle: str | Path, input: str | Path, output: str | Path, id_column: str | None = None,
                  intervals: bool = False, alpha: float = 0.1, batch_rows: int = 65536, engine: str = "onnx",
                  threads: int = 1, workers: int = 2, progress: bool = True,
@@ -260,7 +270,8 @@ def predict_file(bundle: str | Path, input: str | Path, output: str | Path, id_c
     with the id column (when given), `score`, and `lower` / `upper` with `intervals`.
     `scorer`: a ChunkScorer already loaded (a benchmark reuses one across runs).
     `distinct_images`: run a network's image encoder once per distinct image of a chunk (its graph is
-    split and exported in memory at load, ~9 s); "auto": for parquet files of at least
+    cut at `image_vec` at load: milliseconds for a graph the export step composed, ~9 s of export for
+    an older one); "auto": always for a composed graph, else for parquet files of at least
     DISTINCT_IMAGES_MIN_ROWS rows, where the saving outweighs the export (docs/batch-inference.md)."""
     import pyarrow as pa
 
@@ -278,7 +289,8 @@ def predict_file(bundle: str | Path, input: str | Path, output: str | Path, id_c
         if not Path(bundle).is_dir():
             raise FileNotFoundError(f"bundle: {bundle} is not a folder; pass bundle=outputs/train/runs/<ts>/bundle")
         if distinct_images == "auto":
-            distinct_images = _format(input, "input") == "parquet" and _parquet_rows(input) >= DISTINCT_IMAGES_MIN_ROWS
+            distinct_images = _graph_has_image_seam(Path(bundle)) or (
+                _format(input, "input") == "parquet" and _parquet_rows(input) >= DISTINCT_IMAGES_MIN_ROWS)
         elif not isinstance(distinct_images, bool):
             raise FeatureError(f"distinct_images: {distinct_images!r} is not true, false or auto")
         scorer = ChunkScorer(Path(bundle), engine=engine, threads=threads, distinct_images=distinct_images)

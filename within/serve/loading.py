@@ -91,10 +91,23 @@ def _has_images(model: Any) -> bool:
 
 def _image_split(model: Any, bundle: Path, records: list[dict[str, Any]], threads: int, atol: float) -> Served | None:
     """A scorer over the image encoder + rest-of-network pair, checked against torch; None (and a
-    warning) when the pair does not agree, so the caller serves the one-graph path instead."""
-    from within.features.records import RecordEncoder
-    from within.postfit.export import image_split_bytes
+    warning) when the pair does not agree, so the caller serves the one-graph path instead.
 
+    The pair is cut from the bundle's graph when the export step composed it (milliseconds), else
+    exported in memory (seconds: a bundle from before the composed export, or a stale graph)."""
+    from within.features.records import RecordEncoder
+    from within.postfit.export import image_split_bytes, split_image_graph
+
+    found = find_graph(bundle)
+    pair = split_image_graph(found) if found is not None else None
+    if pair is not None:
+        scorer = OnnxScorer.from_model(model, graph=pair[1], threads=threads, image_graph=pair[0])
+        diff = max_abs_diff(scorer, model, records)
+        if diff <= atol:
+            return Served(model, scorer, bundle, f"{found}, cut at image_vec: image encoder once per distinct image "
+                          "+ rest", diff)
+        log.warning("predict: %s differs from the bundle's weights by %.2e > %.0e; exporting the pair again",
+                    found, diff, atol)
     image_graph, rest_graph, _ = image_split_bytes(model, RecordEncoder(model.processor).encode(records))
     scorer = OnnxScorer.from_model(model, graph=rest_graph, threads=threads, image_graph=image_graph)
     diff = max_abs_diff(scorer, model, records)
