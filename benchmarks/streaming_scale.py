@@ -40,6 +40,7 @@ import lightning as L
 from benchmarks.common import ROOT, load_average, machine, parser, write_json, write_markdown
 
 NAME = "streaming_scale"
+WINDOW_ROWS = 200_000  # EpochTimer's default mark spacing
 
 
 class EpochTimer(L.Callback):
@@ -47,7 +48,7 @@ class EpochTimer(L.Callback):
     with a (rows, seconds) mark every `window_rows` rows: the speed along the epoch, so a slowdown
     that grows with n shows as a falling curve and machine drift as scatter around a flat one."""
 
-    def __init__(self, path: str, window_rows: int = 200_000) -> None:
+    def __init__(self, path: str, window_rows: int = WINDOW_ROWS) -> None:
         self.path, self.window_rows = Path(path), int(window_rows)
         self.start, self.last, self.batches, self.rows = 0.0, 0.0, 0, 0
         self.marks: list[tuple[int, float]] = []
@@ -206,12 +207,18 @@ def main() -> None:
     for n in track(order, description="streamed runs"):
         rows.append(measure(n, args.workers, args.mode))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "marks"}), flush=True)
+    print(write_results(rows, args.mode, args.workers, args.results_dir))
+
+
+def write_results(rows: list[dict[str, Any]], mode: str, workers: int, results_dir: Any,
+                  load: list[float] | None = None) -> Path:
+    """streaming_scale.{json,md,png} from the runs' rows."""
     result = summarise(rows)
-    result.update({"mode": args.mode, "workers": args.workers, "load_average": load_average(), "machine": machine()})
-    path = write_json(NAME, result, args.results_dir)
+    result.update({"mode": mode, "workers": workers, "load_average": load or load_average(), "machine": machine()})
+    path = write_json(NAME, result, results_dir)
     plot(rows, path.with_suffix(".png"))
-    what = "1 epoch of model=nn" if args.mode == "train" else "one pass over the train stream, no model"
-    lines = [f"Mode: {args.mode} ({what}), {args.workers} DataLoader worker(s).", "",
+    what = "1 epoch of model=nn" if mode == "train" else "one pass over the train stream, no model"
+    lines = [f"Mode: {mode} ({what}), {workers} DataLoader worker(s).", "",
              "| rows | train rows | peak PSS (MiB) | main max RSS (MiB) | epoch (s) | samples/s | test AUC |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['n']:,} | {r['train_rows']:,} | {r['peak_pss_mb']:.0f} | {r['main_maxrss_mb']:.0f} | "
@@ -223,9 +230,9 @@ def main() -> None:
     if result.get("tail_vs_head") is not None:
         lines.append(f"Along the {result['largest_n']:,}-row epoch: the last {result['window_rows']:,} train rows ran at "
                      f"{result['tail_vs_head']:.2f}x the speed of the first {result['window_rows']:,}; "
-                     f"{result['window_rows'] // 1000}k-row windows scatter by {result['window_cv']:.0%} (sd/mean).")
-    write_markdown(NAME, "\n".join(lines) + "\n", args.results_dir)
-    print(path)
+                     f"{WINDOW_ROWS // 1000}k-row windows scatter by {result['window_cv']:.0%} (sd/mean).")
+    write_markdown(NAME, "\n".join(lines) + "\n", results_dir)
+    return path
 
 
 def window_speeds(marks: list[list[float]]) -> list[tuple[int, float]]:
@@ -234,7 +241,7 @@ def window_speeds(marks: list[list[float]]) -> list[tuple[int, float]]:
 
 
 def rows_speed(marks: list[list[float]], lo: int, hi: int) -> float | None:
-    """Samples/s between the first marks at or past `lo` and `hi` rows (None when the epoch is shorter)."""
+    """Samples/s between the first marks at or past `lo` and `hi` rows (None when no mark reaches them)."""
     at = [m for m in marks if m[0] >= lo]
     end = [m for m in marks if m[0] >= hi]
     if not at or not end or end[0][1] <= at[0][1]:
@@ -263,7 +270,7 @@ def summarise(rows: list[dict[str, Any]], head_rows: int = 1_000_000) -> dict[st
     marks, n_train = top.get("marks") or [], top["train_rows"]
     window = min(head_rows, n_train // 4)
     head = rows_speed(marks, 0, window) if marks else None
-    tail = rows_speed(marks, n_train - window, n_train - 1) if marks else None
+    tail = rows_speed(marks, marks[-1][0] - window, marks[-1][0]) if marks else None
     speeds = [v for _, v in window_speeds(marks)]
     out.update({"window_rows": window, "tail_vs_head": None if head is None or tail is None else tail / head,
                 "window_cv": statistics.pstdev(speeds) / statistics.fmean(speeds) if len(speeds) > 1 else None})

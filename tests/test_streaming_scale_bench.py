@@ -47,3 +47,4 @@ def test_a_slowdown_along_the_epoch_shows_as_tail_against_head():
 def test_runs_without_marks_report_no_trend():
     out = ss.summarise([run(100_000, 1e4, 1e3), run(200_000, 1e4, 1e3)])
     assert out["tail_vs_head"] is None and out["window_cv"] is None
+
