@@ -165,7 +165,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{r['max_abs_diff']:.1e}. Target {r['target_rows_per_s']:,} rows/s: "
         f"{'met' if r['meets_target'] else 'not met'}."),
         "",
-        (f"Loading the scorer (the image-split export in memory, checked against torch) took "
+        (f"Loading the scorer ({r['graph'].split('/')[-1]}; checked against torch) took "
          f"{r['load_seconds']:.1f} s; the two paths' scores agree to {r['one_graph_max_abs_diff']:.1e}."),
         "",
         "Where a row's time goes (one 65,536-row chunk, one thread, microseconds per row): "
