@@ -187,6 +187,7 @@ def test_the_exported_graph_is_the_image_pair_composed_and_cuts_back_into_it(tmp
     found = find_graph(bundle)
     info = export_onnx(model, simulate(n=300, seed=4), tmp_path / "again.onnx")
     assert info["output"] == "probability" and info["max_abs_diff"] < 1e-5 and "image_split" in info
+    assert "image" in info["inputs"] and "image_vec" not in info["inputs"]   # the composed graph's own inputs
     df = frame(40, seed=9)
     df = pd.concat([df, df.iloc[:20]], ignore_index=True)
     whole = OnnxScorer.from_model(model, graph=found)

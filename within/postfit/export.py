@@ -182,7 +182,8 @@ def export_onnx(predictor: Any, frame: Any, path: Any, sample_rows: int = 64, ch
         import onnx
 
         onnx.save(graph, str(path))
-        info.update({"max_abs_diff": diff, "check_rows": min(check_rows, len(arrays["image"])),
+        info.update({"inputs": [i.name for i in graph.graph.input], "max_abs_diff": diff,
+                     "check_rows": min(check_rows, len(arrays["image"])),
                      "image_split": "image -> image_vec -> rest (split_image_graph cuts it at load)"})
     else:
         program, info = trace_and_check(scorer, output, arrays, sample_rows, check_rows, opset, verbose)
