@@ -1,5 +1,6 @@
 """In-process prediction latency: the record path (RecordEncoder + ONNX Runtime + calibration)
-beside the torch-eager path (`model.predict`, which builds a DataFrame per call), on the iPinYou
+beside the torch-eager path (`model.predict` on a DataFrame built from the records per call; on a
+dict or a list, `model.predict` takes the record path itself), on the iPinYou
 bundle and a simulator bundle, each trained here once (1 epoch) into a temporary folder.
 
     python -m benchmarks.predict_latency [--repeats 5] [--calls 1000] [--bundle PATH ...]
@@ -58,9 +59,14 @@ def measure(name: str, data: str, bundle: Path, repeats: int, calls: int) -> dic
     records = sample_records(model, data, max(calls, 1024) + 1024)
     singles, batch = records[:calls], records[calls:calls + 1024]
     columns = {k: [r[k] for r in batch] for k in batch[0]}
+    # model.predict on a dict or a list takes the same ONNX record path as the scorer; the eager
+    # path is model.predict on a DataFrame built from the records each call, as a caller without it would
+    def eager(recs: dict[str, Any] | list[dict[str, Any]]) -> Any:
+        return model.predict(model.spec.records_to_frame(recs if isinstance(recs, list) else [recs]))
+
     for r in singles[:50]:  # warm both paths (ORT arenas, caches, lazy imports)
         scorer.predict(r)
-        model.predict(r)
+        eager(r)
     block: dict[str, list[float]] = {k: [] for k in (
         "onnx_single_p50", "onnx_single_p99", "eager_single_p50", "eager_single_p99",
         "onnx_batch_1024", "onnx_columns_1024", "eager_batch_1024")}
@@ -68,15 +74,15 @@ def measure(name: str, data: str, bundle: Path, repeats: int, calls: int) -> dic
         t = per_call_ms(scorer.predict, singles)
         block["onnx_single_p50"].append(float(np.percentile(t, 50)))
         block["onnx_single_p99"].append(float(np.percentile(t, 99)))
-        t = per_call_ms(model.predict, singles[: max(calls // 10, 20)])
+        t = per_call_ms(eager, singles[: max(calls // 10, 20)])
         block["eager_single_p50"].append(float(np.percentile(t, 50)))
         block["eager_single_p99"].append(float(np.percentile(t, 99)))
         block["onnx_batch_1024"].append(float(np.median(per_call_ms(scorer.predict, [batch] * 15))))
         block["onnx_columns_1024"].append(float(np.median(per_call_ms(scorer.predict_columns, [columns] * 15))))
-        block["eager_batch_1024"].append(float(np.median(per_call_ms(model.predict, [batch] * 3))))
+        block["eager_batch_1024"].append(float(np.median(per_call_ms(eager, [batch] * 3))))
     got = {k: summary(v) for k, v in block.items()}
     p_onnx = np.asarray(scorer.predict(batch))
-    p_eager = np.asarray(model.predict(batch))
+    p_eager = np.asarray(eager(batch))
     res: dict[str, Any] = {
         "bundle": str(bundle), "graph": served.graph, "fields": len(model.processor.spec.fields),
         "field_types": sorted({f.type for f in model.processor.spec.fields}),
